@@ -1,0 +1,88 @@
+"""UNet presets: tiny/small sizes and structure; the sd15 path on a tiny SD1.5-structured folder."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from llm4gen_lite.adapter import build_adapter
+from llm4gen_lite.unet import (
+    PRESETS, build_unet, describe_unet, from_model_space, load_sd15, to_model_space, write_tiny_sd15,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_tiny_preset_is_small_and_denoises_32px_rgb():
+    unet = build_unet("tiny")
+    assert n_params(unet) < 1_000_000
+    info = describe_unet(unet)
+    assert (info.in_channels, info.sample_size, info.cross_attention_dim, info.latent) == (3, 32, 32, False)
+    with torch.no_grad():
+        context = torch.randn(2, 5, 32)
+        out = unet(torch.randn(2, 3, 32, 32), torch.tensor([1, 999]), encoder_hidden_states=context).sample
+    assert out.shape == (2, 3, 32, 32)
+
+
+def test_small_preset_structure():
+    info = PRESETS["small"]
+    assert (info.in_channels, info.sample_size, info.cross_attention_dim, info.latent) == (3, 32, 256, False)
+    unet = build_unet("small")
+    cfg = unet.config
+    assert tuple(cfg.down_block_types) == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert tuple(cfg.up_block_types) == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert cfg.layers_per_block == 1
+    assert 4_000_000 < n_params(unet) < 5_000_000  # design.md sizing table: (32, 64, 128) -> 4.40M
+    assert build_unet("small", cross_attention_dim=64).config.cross_attention_dim == 64
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown UNet preset 'sd15' \\(load it with load_sd15\\)"):
+        build_unet("sd15")
+
+
+def test_sd15_path_loads_offline_and_runs_in_latent_space(tmp_path):
+    folder = write_tiny_sd15(tmp_path / "sd15")
+    assert {p.name for p in folder.iterdir()} == {"unet", "vae", "scheduler"}
+    parts = load_sd15(folder)
+    info = parts.preset
+    assert (info.name, info.in_channels, info.cross_attention_dim, info.latent) == ("sd15", 4, 768, True)
+    assert tuple(parts.unet.config.down_block_types)[:3] == ("CrossAttnDownBlock2D",) * 3
+    assert isinstance(parts.scheduler, DDIMScheduler)
+    assert parts.scheduler.config.beta_schedule == "scaled_linear" and parts.scheduler.config.beta_end == 0.012
+
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        latents = to_model_space(images, parts.vae, generator=torch.Generator().manual_seed(0))
+        assert latents.shape == (2, 4, 8, 8)
+        raw = parts.vae.encode(images).latent_dist.mean
+        assert latents.std() < raw.std(), "latents are scaled by vae.config.scaling_factor (0.18215)"
+
+        cam = build_adapter("cam", clip_dim=768, llm_dim=48, cross_attention_dim=768)
+        cond = cam(torch.randn(2, 77, 768), torch.ones(2, 77, dtype=torch.bool), torch.randn(2, 16, 48))
+        pred = parts.unet(latents, torch.tensor([10, 900]), **cond.unet_kwargs()).sample
+        decoded = from_model_space(pred, parts.vae)
+    assert pred.shape == latents.shape
+    assert decoded.shape == (2, 3, 64, 64) and decoded.abs().max() <= 1
+
+
+def test_sd15_missing_folder_explains_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="unet/, vae/ and scheduler/ subfolders"):
+        load_sd15(tmp_path / "nowhere")
+
+
+def test_pixel_space_is_the_identity():
+    x = torch.rand(1, 3, 32, 32) * 4 - 2
+    assert torch.equal(to_model_space(x), x)
+    assert torch.equal(from_model_space(x), x.clamp(-1, 1))

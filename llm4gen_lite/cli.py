@@ -58,13 +58,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_pipeline(args: argparse.Namespace, config):
-    from .pipeline import LLM4GenPipeline
-    from .paths import resolve_device
-
     folder = Path(args.pipeline) if args.pipeline else Path(config.output_dir) / "pipeline"
     if not (folder / "model_index.json").is_file():
         raise UsageError(f"{folder}: no saved pipeline there (train one first, or pass --pipeline DIR)")
+    from .paths import resolve_device
+    from .pipeline import LLM4GenPipeline
+
     pipe = LLM4GenPipeline.from_pretrained(folder)
+    adapter = pipe.adapter
+    if (adapter.uses_clip and pipe.clip_encoder is None) or (adapter.uses_llm and pipe.llm_encoder is None):
+        # encoders.json names no loadable encoder: take them from the run's config.json (or --config)
+        from .config import config_from_dict
+        from .io import read_json
+        from .train import load_encoders
+
+        run_config = folder.parent / "config.json"
+        source = config_from_dict(read_json(run_config), str(run_config)) if run_config.is_file() else config
+        clip, llm = load_encoders(source)
+        pipe.clip_encoder = pipe.clip_encoder or clip
+        pipe.llm_encoder = pipe.llm_encoder or llm
     pipe.to(resolve_device(config.device))
     pipe.set_progress_bar_config(disable=True)
     return pipe, folder

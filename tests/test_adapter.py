@@ -11,15 +11,6 @@ from llm4gen_lite.unet import build_unet
 CLIP_DIM, LLM_DIM, D = 24, 40, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def features(batch: int = 2, clip_len: int = 6, llm_len: int = 9, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     clip = torch.randn(batch, clip_len, CLIP_DIM, generator=g)

@@ -23,15 +23,6 @@ PROMPTS = ["a red circle left of a blue square", "a small green triangle"]
 STEPS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)

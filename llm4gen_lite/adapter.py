@@ -116,6 +116,32 @@ class CrossAdapterModule(nn.Module):
             nn.Linear(ffn_mult * dim, dim),
         )
 
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """`[batch, tokens, dim]` -> `[batch, heads, tokens, dim / heads]`."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def _attend(self, context: torch.Tensor, clip_mask: torch.Tensor, projected: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the projected LLM tokens over the normalised CLIP tokens.
+
+        Returns (probabilities `[batch, heads, llm_tokens, clip_tokens]`, values
+        `[batch, heads, clip_tokens, dim / heads]`).
+        """
+        query = self._split(self.to_q(self.norm_query(projected)))
+        key = self._split(self.to_k(context))
+        scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+        # masked_fill (not an additive bias) cannot overflow, so a row whose CLIP tokens are all padding
+        # gets a uniform, finite softmax, zeroed in `forward`: no NaN in values or gradients.
+        scores = scores.masked_fill(~clip_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        return scores.softmax(dim=-1), self._split(self.to_v(context))
+
+    def attention_weights(self, clip_states: torch.Tensor, clip_mask: torch.Tensor, llm_states: torch.Tensor
+                          ) -> torch.Tensor:
+        """Which CLIP tokens each LLM token reads: `[batch, heads, llm_tokens, clip_tokens]`, rows sum to 1
+        over real CLIP tokens (0 on padding). Same inputs as `forward`."""
+        probs, _ = self._attend(self.norm_context(clip_states), clip_mask, self.llm_proj(llm_states))
+        return probs
+
     def forward(self, clip_states: torch.Tensor, clip_mask: torch.Tensor, llm_states: torch.Tensor) -> torch.Tensor:
         """Fuse LLM tokens with CLIP tokens.
 
@@ -127,22 +153,9 @@ class CrossAdapterModule(nn.Module):
             `[batch, llm_tokens, dim]` fused LLM tokens `F`.
         """
         batch, llm_len, _ = llm_states.shape
-        heads = self.num_heads
         projected = self.llm_proj(llm_states)  # L1 [batch, llm_tokens, dim]
-        context = self.norm_context(clip_states)
-
-        def split(x: torch.Tensor) -> torch.Tensor:  # [batch, tokens, dim] -> [batch, heads, tokens, dim / heads]
-            return x.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-        query = split(self.to_q(self.norm_query(projected)))
-        key = split(self.to_k(context))
-        value = split(self.to_v(context))
-        scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5  # [batch, heads, llm_tokens, clip_tokens]
-        # masked_fill (not an additive bias) cannot overflow, so a row whose CLIP tokens are all padding
-        # gets a uniform, finite softmax, zeroed just below: no NaN in values or gradients.
-        scores = scores.masked_fill(~clip_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        attended = scores.softmax(dim=-1) @ value
-        attended = attended * clip_mask.any(dim=1).to(attended.dtype)[:, None, None, None]
+        probs, value = self._attend(self.norm_context(clip_states), clip_mask, projected)
+        attended = (probs @ value) * clip_mask.any(dim=1).to(probs.dtype)[:, None, None, None]
         fused = projected + self.to_out(attended.transpose(1, 2).reshape(batch, llm_len, -1))  # X
         return fused + self.ffn(self.norm_ffn(fused))  # F
 

@@ -158,3 +158,13 @@ def test_bad_input_gives_clear_errors():
         cam(clip, clip_mask, llm[:1], llm_mask[:1])
     with pytest.raises(ValueError, match="drop_llm must have shape"):
         cam(clip, clip_mask, llm, llm_mask, drop_llm=torch.tensor([True]))
+
+
+def test_cam_attention_weights_are_a_distribution_over_real_clip_tokens():
+    cam = CrossAdapterModule(llm_dim=LLM_DIM, dim=D, num_heads=4)
+    clip, clip_mask, llm, _ = features()
+    clip = torch.nn.functional.pad(clip, (0, D - CLIP_DIM))
+    probs = cam.attention_weights(clip, clip_mask, llm)
+    assert probs.shape == (clip.shape[0], 4, llm.shape[1], clip.shape[1])
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
+    assert (probs.masked_select(~clip_mask[:, None, None, :].expand_as(probs)) == 0).all()

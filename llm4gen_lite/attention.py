@@ -51,6 +51,18 @@ class AttentionMaps:
         """Maps averaged over the layers of each resolution: `{(h, w): [batch, tokens, h, w]}`."""
         return average_by_resolution(self.maps)
 
+    def token_map(self, index: int, positions: Sequence[int], resolution: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
+        """Image `index`'s attention on the given token positions (summed), at one resolution
+        (default: the finest captured), normalised to sum 1: `[h, w]`. Positions index the
+        conditioning sequence: CLIP-role tokens first, LLM tokens from `clip_tokens` on."""
+        levels = self.by_resolution()
+        maps = levels[resolution if resolution is not None else max(levels)]
+        if not positions:
+            raise ValueError("no token positions given: the word was not found among the prompt's tokens")
+        picked = maps[index, list(positions)].sum(0)
+        return picked / picked.sum().clamp_min(1e-12)
+
 
 class CrossAttentionStore:
     """Maps recorded by `CaptureCrossAttnProcessor`s, keyed by layer name."""

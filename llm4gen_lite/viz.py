@@ -1,4 +1,4 @@
-"""Figures: image grids with captions, Shapes scenes, and the CompBench-lite parser's reading.
+"""Figures: image grids with captions, Shapes scenes, the CompBench-lite parser's reading, loss curves.
 
 Every helper returns a `matplotlib.figure.Figure` built without pyplot's global state (no
 `plt.show()`, no current-figure side effects), so it works under papermill, in CI (Agg) and in
@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["image_grid", "show_scenes", "overlay_parse", "to_display_image"]
+__all__ = ["image_grid", "show_scenes", "overlay_parse", "to_display_image", "loss_curves", "attention_overlay"]
 
 
 def to_display_image(image: Any) -> np.ndarray:
@@ -103,4 +103,54 @@ def overlay_parse(image: Any, parsed_objects: Sequence | None = None, *, title: 
                 color="black", va="bottom", ha="left",
                 bbox=dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.85))
     ax.set_title(title if title is not None else f"parser reads {len(objs)} object(s)", fontsize=8)
+    return fig
+
+
+def loss_curves(runs: dict[str, Sequence[dict]], key: str = "diffusion_loss", smooth: int = 10,
+                title: str | None = None) -> Figure:
+    """Training curves of several runs on one axis: `runs` maps a label to its `metrics.jsonl`
+    records; curves are smoothed with a running mean over `smooth` logged points."""
+    fig = Figure(figsize=(6, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for label, records in runs.items():
+        train = [r for r in records if r.get("kind") == "train" and key in r]
+        if not train:
+            continue
+        steps = np.array([r["step"] for r in train])
+        values = np.array([r[key] for r in train], dtype=float)
+        k = max(1, min(smooth, len(values)))
+        smoothed = np.convolve(values, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smoothed, label=label, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def attention_overlay(image: Any, maps: dict[str, Any], *, title: str | None = None, size: float = 1.8) -> Figure:
+    """The image, then one panel per labelled attention map `[h, w]` (upsampled to the image and
+    drawn over a faded copy of it), e.g. `{"CLIP 'red'": map, "LLM 'red'": map}`."""
+    img = to_display_image(image).astype(np.float32)
+    img = img / 255.0 if img.max() > 1.0 else img
+    H, W = img.shape[:2]
+    fig = Figure(figsize=(size * (1 + len(maps)), size * 1.15), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, 1 + len(maps)))
+    axes[0].imshow(img, interpolation="nearest")
+    axes[0].set_title("image", fontsize=7)
+    for ax, (label, amap) in zip(axes[1:], maps.items()):
+        amap = np.asarray(amap.detach().cpu() if hasattr(amap, "detach") else amap, dtype=np.float32)
+        reps = (H // amap.shape[0], W // amap.shape[1])
+        up = np.kron(amap, np.ones(reps, dtype=np.float32))
+        ax.imshow(img.mean(-1), cmap="gray", alpha=0.5, interpolation="nearest")
+        ax.imshow(up / max(up.max(), 1e-12), cmap="magma", alpha=0.7, interpolation="bilinear")
+        ax.set_title(label, fontsize=7)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=8)
     return fig

@@ -1,0 +1,117 @@
+"""Evaluate trained pipelines the way the paper reports, and put the paper's numbers beside ours.
+
+`evaluate_pipeline` samples every prompt of the chosen prompt sets with one seed and scores the
+images with the exact CompBench-lite parser (per category, 0–100), dense-prompt object recall,
+the ShapesCLIP score, and FID/KID of test-iid samples against ground-truth renders (refused,
+with the reason recorded, when there are too few samples to mean anything).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import evaluate, shapes
+from .image_metrics import MIN_FID_SAMPLES, MIN_KID_SAMPLES, clip_score_mean, fid, kid
+
+# LLM4GEN-SD1.5 minus SD1.5 on T2I-CompBench (v1 table, points) and MS-COCO FID / CLIP score (v1);
+# DensePrompts CLIP score read off the paper's plot. See docs/RESULTS.md for the sources.
+PAPER_DELTAS: dict[str, float] = {
+    "color": 45.34 - 37.65,
+    "shape": 43.28 - 35.76,
+    "texture": 51.52 - 41.56,
+    "spatial": 13.12 - 12.46,
+    "complex": 32.33 - 30.80,
+    "fid": 25.20 - 26.89,
+    "clip_score": 29.45 - 28.66,
+    "dense_clip_score": 26.2 - 24.2,
+}
+
+DEFAULT_SETS = ("color", "shape", "texture", "spatial", "counting", "complex", "test_comp", "attr_swap", "dense_long")
+
+
+def sample_images(pipe, prompts: Sequence[str], steps: int, guidance_scale: float, seed: int,
+                  llm_guidance_scale: float | None = None, batch_size: int = 64) -> np.ndarray:
+    """Sample one image per prompt: uint8 `[N, H, W, 3]`. Batch `k` uses seed `seed + k`, so a
+    prompt's image does not depend on how many prompts follow it."""
+    out = []
+    for k, i in enumerate(range(0, len(prompts), batch_size)):
+        g = torch.Generator().manual_seed(seed + k)
+        res = pipe(list(prompts[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance_scale,
+                   llm_guidance_scale=llm_guidance_scale, generator=g, output_type="np")
+        out.append(np.clip(np.round(np.asarray(res.images) * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def _chw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def evaluate_pipeline(pipe, sets: Sequence[str] = DEFAULT_SETS, max_prompts: int | None = None,
+                      steps: int = 25, guidance_scale: float = 3.0, llm_guidance_scale: float | None = None,
+                      seed: int = 0, fid_samples: int = MIN_FID_SAMPLES) -> dict[str, Any]:
+    """Score `pipe` on prompt sets; returns a JSON-able dict (see module docstring).
+
+    `fid_samples` test-iid prompts are sampled for FID/KID (at least `MIN_FID_SAMPLES` for a number;
+    fewer records why FID was not computed)."""
+    result: dict[str, Any] = {"settings": {"steps": steps, "guidance_scale": guidance_scale,
+                                           "llm_guidance_scale": llm_guidance_scale, "seed": seed,
+                                           "max_prompts": max_prompts}, "sets": {}}
+    for name in sets:
+        rows = shapes.load_prompt_set(name)[:max_prompts]
+        images = sample_images(pipe, [r["prompt"] for r in rows], steps, guidance_scale, seed, llm_guidance_scale)
+        report = evaluate.compbench_report(images, rows)
+        report["shapesclip_score"] = clip_score_mean(_chw(images), [r["prompt"] for r in rows]).mean
+        result["sets"][name] = report
+    iid = shapes.load_prompt_set("test_iid")
+    iid = (iid * (fid_samples // len(iid) + 1))[:fid_samples]
+    fake = _chw(sample_images(pipe, [r["prompt"] for r in iid], steps, guidance_scale, seed + 10_000,
+                              llm_guidance_scale))
+    real = _chw(shapes.render_batch([shapes.row_scene(r) for r in iid], fake.shape[-1]))
+    for name, fn, minimum in (("fid", fid, MIN_FID_SAMPLES), ("kid", kid, MIN_KID_SAMPLES)):
+        if len(iid) < minimum:
+            result[name] = {"refused": f"{len(iid)} samples < the minimum of {minimum}"}
+        else:
+            r = fn(real, fake)
+            result[name] = {"value": r.value, "std": r.std, "n_real": r.n_real, "n_fake": r.n_fake,
+                            "features": r.features}
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers the results tables compare: CompBench-lite categories, compositional colour
+    binding, dense-prompt object recall, ShapesCLIP scores, FID."""
+    sets = result["sets"]
+    row: dict[str, float | None] = {c: sets[c]["scores"][c] for c in shapes.COMPBENCH_CATEGORIES if c in sets}
+    if "test_comp" in sets:
+        row["test_comp"] = sets["test_comp"]["scores"]["test_comp"]
+    if "attr_swap" in sets:
+        row["swap_pair_acc"] = 100 * sets["attr_swap"].get("swap_pair_acc", float("nan"))
+    if "dense_long" in sets:
+        row["dense_recall"] = 100 * sets["dense_long"]["dense"]["object_recall"]
+        row["dense_clip_score"] = sets["dense_long"]["shapesclip_score"]
+    if "test_comp" in sets:
+        row["clip_score"] = sets["test_comp"]["shapesclip_score"]
+    row["fid"] = result["fid"].get("value")
+    return row
+
+
+def comparison_table(results: dict[str, dict[str, Any]], baseline: str = "clip") -> str:
+    """Markdown: one row per variant's headline numbers, then our delta vs `baseline` beside the
+    paper's LLM4GEN-SD1.5 − SD1.5 delta where the paper reports one."""
+    rows = {name: headline(r) for name, r in results.items()}
+    keys = [k for k in rows[next(iter(rows))]]
+    fmt = lambda v: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.1f}"  # noqa: E731
+    lines = ["| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(k)) for k in keys) + " |")
+    if baseline in rows:
+        for name, row in rows.items():
+            if name == baseline:
+                continue
+            delta = {k: (row[k] - rows[baseline][k]) if row.get(k) is not None and rows[baseline].get(k) is not None
+                     else None for k in keys}
+            lines.append(f"| Δ {name} − {baseline} (ours) | " + " | ".join(fmt(delta[k]) for k in keys) + " |")
+        lines.append("| Δ LLM4GEN − SD1.5 (paper) | " + " | ".join(fmt(PAPER_DELTAS.get(k)) for k in keys) + " |")
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ test: setup
 
 ## full: the full reproduction (trains the variants, regenerates docs/RESULTS.md)
 full: setup
-	$(PY) scripts/reproduce.py
+	$(PY) scripts/reproduce.py --ship
 
 ## bench: performance ratios, written to bench/results.json and docs/BENCHMARKS.md
 bench: setup

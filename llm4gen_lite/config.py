@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -201,7 +202,13 @@ def _check_types(config: TrainConfig) -> None:
                 hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
             raise ConfigError(f"config key {name!r}: expected {_type_name(tp)}, got {value!r}{hint}")
         if tp is float:
-            setattr(config, name, float(value))
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ConfigError(f"config key {name!r}: {value!r} is too large for a float") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {name!r}: must be a finite number, got {value!r}")
+            setattr(config, name, value)
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
@@ -252,7 +259,7 @@ def _convert(text: str, tp: Any) -> Any:
     if origin in (list, dict):
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, RecursionError) as err:  # RecursionError: absurdly deep nesting
             raise ValueError(text) from err
         if origin is list and isinstance(value, str):  # a,b,c
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -284,7 +291,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError, RecursionError) as err:
         raise ConfigError(f"{path}: cannot read config ({err})") from err
     if data is None:
         return {}

@@ -21,8 +21,9 @@ def test_targets_match_the_diffusers_scheduler():
     v = diffusion_target(x0, noise, sched.alphas_cumprod[t], "v_prediction")
     assert torch.allclose(v, sched.get_velocity(x0, noise, t), atol=1e-6)
     assert diffusion_target(x0, noise, sched.alphas_cumprod[t], "epsilon") is noise
+    assert diffusion_target(x0, noise, sched.alphas_cumprod[t], "sample") is x0
     with pytest.raises(ValueError, match="prediction_type"):
-        diffusion_target(x0, noise, sched.alphas_cumprod[t], "sample")
+        diffusion_target(x0, noise, sched.alphas_cumprod[t], "x0")
 
 
 def test_min_snr_weights():

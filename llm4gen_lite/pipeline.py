@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -134,12 +135,30 @@ class LLM4GenPipeline(DiffusionPipeline):
         """Save unet/scheduler/adapter(/vae) as safetensors + JSON and the encoders' load specs."""
         if kwargs.get("safe_serialization") is False:
             raise ValueError("LLM4GenPipeline saves only safetensors; drop safe_serialization=False")
-        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
-        records = {
-            role: None if encoder is None else _encoder_record(encoder)
-            for role, encoder in (("clip", self.clip_encoder), ("llm", self.llm_encoder))
-        }
-        atomic_write_json(Path(save_directory) / ENCODERS_FILE, records)
+        # built under a temporary sibling and swapped in, so a failed save keeps the previous pipeline
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            records = {
+                role: None if encoder is None else _encoder_record(encoder)
+                for role, encoder in (("clip", self.clip_encoder), ("llm", self.llm_encoder))
+            }
+            atomic_write_json(tmp / ENCODERS_FILE, records)
+            if target.exists():
+                os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if old.exists():
+                    os.replace(old, target)
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def from_pretrained(

@@ -308,9 +308,6 @@ def test_a_failed_feature_cache_write_keeps_the_complete_shards(tmp_path, monkey
     assert torch.equal(reopened.get(captions).features, fresh.features.half().float())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LLM4GenPipeline.save_pretrained lets diffusers overwrite each component's files in place; it does not "
-    "build the folder under a temporary name and swap it in"))
 def test_a_failed_pipeline_save_keeps_the_previous_pipeline(pipeline_copy, monkeypatch):
     previous = load_pipeline(pipeline_copy)
     real_save = safetensors.torch.save_file

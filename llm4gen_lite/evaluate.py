@@ -34,7 +34,7 @@ from scipy import ndimage
 from .shapes.captions import Caption, Span
 from .shapes.render import render_batch
 from .shapes.world import (
-    COLORS, SIZE_FRACTION, Scene, is_clear, relation_between, relation_holds,
+    COLORS, SIZE_FRACTION, PlacedObject, Scene, is_clear, relation_between, relation_holds,
 )
 
 __all__ = [
@@ -76,7 +76,7 @@ MAX_OBJECTS = 12
 
 
 @dataclass(frozen=True)
-class ParsedObject:
+class ParsedObject(PlacedObject):
     """One object read off an image.
 
     centre: box centre (x, y), normalised to [0, 1] (y down); bbox: (x0, y0, x1, y1) in pixels,
@@ -94,18 +94,6 @@ class ParsedObject:
     kurtosis_diff: float = 0.0
     skew: float = 0.0
     fill_ratio: float = 1.0
-
-    @property
-    def colour(self) -> str:
-        return self.color
-
-    @property
-    def x(self) -> float:
-        return self.centre[0]
-
-    @property
-    def y(self) -> float:
-        return self.centre[1]
 
     def label(self) -> str:
         return f"{self.size} {self.fill} {self.color} {self.shape}"

@@ -83,8 +83,27 @@ def _check(value: str, allowed: Sequence[str], what: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class PlacedObject:
+    """What every object description shares: `color` (also spelled `colour`) and `centre` = (x, y)."""
+
+    color: str
+    centre: tuple[float, float]
+
+    @property
+    def colour(self) -> str:
+        return self.color
+
+    @property
+    def x(self) -> float:
+        return self.centre[0]
+
+    @property
+    def y(self) -> float:
+        return self.centre[1]
+
+
 @dataclass(frozen=True)
-class ShapeObject:
+class ShapeObject(PlacedObject):
     """One object: `shape`, `color`, `size`, `fill` and `centre` = (x, y) in [0, 1] (y down)."""
 
     shape: str
@@ -102,18 +121,6 @@ class ShapeObject:
         if not (0.0 <= cx <= 1.0 and 0.0 <= cy <= 1.0):
             raise ValueError(f"centre {self.centre} outside the unit square")
         object.__setattr__(self, "centre", (cx, cy))
-
-    @property
-    def colour(self) -> str:
-        return self.color
-
-    @property
-    def x(self) -> float:
-        return self.centre[0]
-
-    @property
-    def y(self) -> float:
-        return self.centre[1]
 
     @property
     def combo(self) -> tuple[str, str]:

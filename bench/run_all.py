@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from llm4gen_lite.encoders import TextFeatures  # noqa: E402
+from llm4gen_lite.io import atomic_write_json  # noqa: E402
 from workloads import (  # noqa: E402
     CATEGORIES, SamplingSetup, TrainStep, autocast, bench_config, count_flops, make_pipeline, matmul_reference,
     pipeline_sample, plain_sample, time_by_category, trim_to_longest,
@@ -160,7 +163,7 @@ class LiteText:
     def dims(self) -> tuple[int, int]:
         return self.clip_encoder.dim, self.llm_encoder.dim
 
-    def features(self, captions: list[str]):
+    def features(self, captions: list[str]) -> tuple[TextFeatures, TextFeatures]:
         """Cached (clip, llm) features of `captions`: `[B, 77, d_clip]`, `[B, 256, d_llm]`."""
         return self.caches["clip"].get(captions), self.caches["llm"].get(captions)
 
@@ -462,6 +465,11 @@ def write_docs(path: Path, runs: dict[str, Any]) -> None:
     path.write_text(head + block + rest.split(END, 1)[1])
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C: children are stopped and temporary folders removed."""
+    raise SystemExit(f"stopped by signal {signum}; completed sections are kept in the results file")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, tiny UNet, one or two rounds: a sanity run")
@@ -473,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(REPO)}; none for --quick)")
     parser.add_argument("--docs", type=Path, help=f"docs page (default {DOCS.relative_to(REPO)}; none for --quick)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     out = args.out or (None if args.quick else RESULTS)
     docs = args.docs or (None if args.quick else DOCS)
 
@@ -490,6 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report = Report()
     record: dict[str, Any] = {"machine": machine, "sizes": asdict(sizes)}
+
+    def save(complete: bool) -> dict[str, Any]:
+        """File the record in `out` after every section: under `key` once complete, before that under
+        `key · incomplete`, so a run stopped midway keeps what it measured and never replaces a full one."""
+        results = json.loads(out.read_text()) if out is not None and out.is_file() else {"runs": {}}
+        results["runs"].pop(f"{key} · incomplete", None)
+        results["runs"][key if complete else f"{key} · incomplete"] = {**record, "ratios": report.ratios}
+        if out is not None:
+            atomic_write_json(out, results)
+        return results
+
     with tempfile.TemporaryDirectory(prefix="llm4gen-bench-") as tmp:
         print("encoders and feature caches ...", flush=True)
         batches = sizes.warmup + sizes.repeats
@@ -508,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CAM overhead ({preset}) ...", flush=True)
             record["cam_overhead"].append(cam_overhead(text, preset, sizes, device, args.mixed_precision, sync, report,
                                                        reference if preset == main_preset else None))
+            save(complete=False)
         main_overhead = record["cam_overhead"][0]
         record["efficiency"] = {"matmul_dtype": str(matmul_dtype).replace("torch.", ""), "matmul_size": size,
                                 **efficiency(main_overhead, reference_flops)}
@@ -516,30 +537,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {100 * v['fraction_of_matmul']:.0f}%" for k, v in record["efficiency"]["steps"].items()), flush=True)
         print("feature cache ...", flush=True)
         record["feature_cache"] = feature_cache(text, main_preset, sizes, device, args.mixed_precision, sync, report)
+        save(complete=False)
         print("sampling ...", flush=True)
         record["sampling"] = sampling(text, main_preset, sizes, device, args.mixed_precision, sync, report)
+        save(complete=False)
         print("growth ...", flush=True)
         record["growth"] = growth(text, main_preset, sizes, device, args.mixed_precision, sync)
+        save(complete=False)
         print("peak memory ...", flush=True)
         record["memory"] = peak_memory(text, main_preset, sizes, device, args.mixed_precision, Path(tmp))
         record["memory_train_job"] = (f"{sizes.memory_steps} training step{'s' if sizes.memory_steps > 1 else ''} "
                                       f"({main_preset}, batch {sizes.batch})")
-    record["ratios"] = report.ratios
     record["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     record["wall_s"] = time.perf_counter() - started
-
-    table = markdown(key, record)
-    print("\n" + table)
+    results = save(complete=True)
+    print("\n" + markdown(key, results["runs"][key]))
     if out is not None:
-        results = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-        results["runs"][key] = record
-        out.write_text(json.dumps(results, indent=2, default=float) + "\n")
         print(f"wrote {out}")
-        if docs is not None:
-            write_docs(docs, {k: r for k, r in results["runs"].items() if not r["machine"]["quick"] or k == key})
-            print(f"wrote {docs}")
-    elif docs is not None:
-        write_docs(docs, {key: record})
+    if docs is not None:
+        shown = {k: r for k, r in results["runs"].items()
+                 if not k.endswith("· incomplete") and (not r["machine"]["quick"] or k == key)}
+        write_docs(docs, shown)
         print(f"wrote {docs}")
     return 0
 

@@ -43,7 +43,8 @@ from test_train import REPO, tiny_config
 D, CLIP_DIM, LLM_DIM = 32, 32, 24
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 ENCODERS = (HashEncoder(CLIP_DIM, max_length=12, seed=1), HashEncoder(LLM_DIM, max_length=16, seed=2))
-pytestmark = pytest.mark.filterwarnings("ignore:encoder hash.*has no load_spec")
+pytestmark = [pytest.mark.filterwarnings("ignore:encoder hash.*has no load_spec"),
+              pytest.mark.filterwarnings("ignore::llm4gen_lite.encoders.PromptTruncatedWarning")]
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds open temp files through /proc")
 
 
@@ -322,6 +323,7 @@ def test_a_failed_pipeline_save_keeps_the_previous_pipeline(pipeline_copy, monke
         patch.setattr(safetensors.torch, "save_file", disk_full_in_adapter)
         with pytest.raises(OSError):
             make_pipeline(seed=1).save_pretrained(pipeline_copy)
+    assert sorted(p.name for p in pipeline_copy.parent.iterdir()) == ["pipeline"], "no temporary folder left"
     assert [p for p in pipeline_copy.rglob("*") if ".tmp" in p.name] == []
     reloaded = load_pipeline(pipeline_copy)
     assert same_weights(reloaded.unet, previous.unet) and same_weights(reloaded.adapter, previous.adapter)

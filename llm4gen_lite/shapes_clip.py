@@ -478,7 +478,8 @@ def save_model(model: ShapesCLIP, out_dir: str | Path, fp16: bool = True) -> Pat
     out_dir = Path(out_dir)
     dtype = torch.float16 if fp16 else torch.float32
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
-    atomic_save_safetensors(state, out_dir / WEIGHTS_NAME, metadata={"format": "pt", "model": "ShapesCLIP"})
+    # one metadata key only: safetensors writes several in random order, so the bytes (and hash) would vary
+    atomic_save_safetensors(state, out_dir / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_json(out_dir / CONFIG_NAME, model.config.to_dict())
     return out_dir
 

@@ -180,8 +180,7 @@ def save_checkpoint(
     tmp, final = _tmp_dir(root, step), root / checkpoint_name(step)
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by an interrupted write
-            shutil.rmtree(stale, ignore_errors=True)
+        _recover_interrupted(root)
         tmp.mkdir()
     barrier()
     if rank_state is not None:
@@ -200,7 +199,11 @@ def save_checkpoint(
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # the previous copy of this step goes back in place
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -209,6 +212,19 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     return final
+
+
+def _recover_interrupted(root: Path) -> None:
+    """Clean up after an interrupted save: drop `.tmp-*` folders; put back an `.old-step_*` copy
+    whose replacement never arrived (a re-save killed between its two renames), drop the rest."""
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-*"):
+        final = root / old.name[len(".old-"):]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def _fsync_dir(path: Path) -> None:

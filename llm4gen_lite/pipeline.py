@@ -14,6 +14,7 @@ combination is linear, so it applies to both.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -32,8 +34,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .adapter import Conditioning, ConditioningAdapter
 from .attention import AttentionMaps, capture_cross_attention
 from .encoders import PromptTruncatedWarning, TextEncoder, TextFeatures, check_prompts, load_encoder
-from .io import atomic_write_json, read_json
-from .unet import from_model_space
+from .io import atomic_write_json, read_json, safetensors_shapes
+from .unet import PixelShuffleAutoencoder, from_model_space
 
 ENCODERS_FILE = "encoders.json"
 
@@ -95,6 +97,42 @@ def _check_dims(
             )
 
 
+def _check_weights(component: Path, library_class: list[str], config: dict[str, Any], variant: str | None) -> None:
+    """Raise a ValueError naming the weights file when its tensors do not fit the component's config.
+
+    The expected names and shapes come from building the component from `config.json` on the meta
+    device; the file's come from its safetensors header. Components of other libraries and
+    sharded weights are left to diffusers.
+    """
+    library, class_name = library_class
+    file = component / f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
+    if not file.is_file() or not (library == "diffusers" or library.split(".")[0] == "llm4gen_lite"):
+        return
+    module_class = getattr(importlib.import_module(library), class_name, None)
+    if module_class is None or not hasattr(module_class, "from_config"):
+        return
+    with init_empty_weights():
+        expected = {k: tuple(v.shape) for k, v in module_class.from_config(config).state_dict().items()}
+    found = safetensors_shapes(file)
+    kinds = {
+        "of another shape": [
+            f"{k} {found[k]} (config.json needs {expected[k]})"
+            for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]
+        ],
+        "missing": sorted(expected.keys() - found.keys()),
+        "unexpected": sorted(found.keys() - expected.keys()),
+    }
+    if any(kinds.values()):
+        details = "; ".join(
+            f"{len(names)} {kind}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''}"
+            for kind, names in kinds.items() if names
+        )
+        raise ValueError(
+            f"{file} does not fit {component / 'config.json'} ({details}): the weights belong to another "
+            "variant or size; save the pipeline again or restore its own files"
+        )
+
+
 def _prompt_list(prompt: str | list[str]) -> list[str]:
     """A prompt or a list of prompts as a validated, non-empty list of strings."""
     return check_prompts([prompt] if isinstance(prompt, str) else prompt)
@@ -111,7 +149,7 @@ class LLM4GenPipeline(DiffusionPipeline):
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
         adapter: ConditioningAdapter,
-        vae: AutoencoderKL | None = None,
+        vae: AutoencoderKL | PixelShuffleAutoencoder | None = None,
         clip_encoder: TextEncoder | None = None,
         llm_encoder: TextEncoder | None = None,
     ) -> None:
@@ -213,6 +251,9 @@ class LLM4GenPipeline(DiffusionPipeline):
             ),
             where,
         )
+        for name in ("unet", "adapter", "vae"):
+            if name not in kwargs and configs[name] is not None:
+                _check_weights(folder / name, index[name], configs[name], kwargs.get("variant"))
         if load_encoders:
             for role, encoder in encoders.items():
                 record = records.get(role)

@@ -1,6 +1,8 @@
 """UNet presets on diffusers' `UNet2DConditionModel`: `tiny` (CI), `small` (the lite run), `sd15`.
 
-`tiny` and `small` are built from scratch and denoise 32×32 RGB pixels. `sd15` loads a real
+`tiny` and `small` are built from scratch and denoise 32×32 RGB pixels, or (`space_to_depth`)
+the same pixels rearranged losslessly by `PixelShuffleAutoencoder` into 2×2-patch channels at half
+the side, which makes a CPU training step several times cheaper. `sd15` loads a real
 Stable Diffusion 1.5 UNet and VAE from a local folder in the diffusers layout (`unet/`, `vae/`,
 `scheduler/`) or from an existing Hugging Face cache, never from the network, and denoises in the
 VAE's latent space. `to_model_space` / `from_model_space` move images in and out of whichever
@@ -14,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ConfigMixin, DDIMScheduler, ModelMixin, PNDMScheduler, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
@@ -155,6 +161,48 @@ def write_tiny_sd15(path: str | os.PathLike, cross_attention_dim: int = 768, see
     vae.save_pretrained(path / "vae", safe_serialization=True)
     scheduler.save_pretrained(path / "scheduler")
     return path
+
+
+@dataclass
+class _PixelLatent:
+    """What `encode` returns in place of a VAE's latent distribution (deterministic)."""
+
+    latents: torch.Tensor  # [batch, 3·f², H/f, W/f]
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latents
+
+    def mode(self) -> torch.Tensor:
+        return self.latents
+
+
+class PixelShuffleAutoencoder(ModelMixin, ConfigMixin):
+    """A lossless, parameter-free latent space for pixel-space UNets: space-to-depth by `factor`.
+
+    `encode`: images `[batch, 3, H, W]` -> `[batch, 3·f², H/f, W/f]` (`pixel_unshuffle`); `decode`
+    inverts it exactly (`pixel_shuffle`). It fills the pipeline's `vae` slot with AutoencoderKL's
+    interface (`encode(x).latent_dist.sample()`, `decode(z).sample`, scaling factor 1), so the
+    sampler, `unet.to_model_space` and saving/loading need nothing new. With f = 2 the `small`
+    UNet's top level runs at 16×16 instead of 32×32: a training step (batch 32, 2 CPU threads)
+    measured 3.8× cheaper (docs/TRAINING.md).
+    """
+
+    @register_to_config
+    def __init__(
+        self, factor: int = 2, in_channels: int = 3, latent_channels: int | None = None, scaling_factor: float = 1.0
+    ) -> None:
+        super().__init__()
+        if latent_channels not in (None, in_channels * factor * factor):
+            raise ValueError(f"latent_channels must be in_channels·factor² = {in_channels * factor * factor}")
+        self.register_to_config(latent_channels=in_channels * factor * factor)
+        # a dtype/device for the pipeline, and one stored tensor so the folder holds a safetensors file
+        self.register_buffer("anchor", torch.zeros(1))
+
+    def encode(self, images: torch.Tensor) -> AutoencoderKLOutput:
+        return AutoencoderKLOutput(latent_dist=_PixelLatent(F.pixel_unshuffle(images, self.config.factor)))
+
+    def decode(self, latents: torch.Tensor) -> DecoderOutput:
+        return DecoderOutput(sample=F.pixel_shuffle(latents, self.config.factor))
 
 
 def to_model_space(

@@ -77,3 +77,36 @@ def test_pixel_space_is_the_identity():
     x = torch.rand(1, 3, 32, 32) * 4 - 2
     assert torch.equal(to_model_space(x), x)
     assert torch.equal(from_model_space(x), x.clamp(-1, 1))
+
+
+def test_space_to_depth_is_lossless_and_survives_a_pipeline_round_trip(tmp_path):
+    from conftest import HashEncoder
+    from llm4gen_lite.config import load_config
+    from llm4gen_lite.pipeline import LLM4GenPipeline
+    from llm4gen_lite.train import build_unet as build_for_training
+    from llm4gen_lite.unet import PixelShuffleAutoencoder
+
+    vae = PixelShuffleAutoencoder(factor=2)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = to_model_space(x, vae)
+    assert z.shape == (2, 12, 16, 16) and torch.equal(from_model_space(z, vae), x)
+
+    torch.manual_seed(0)
+    unet, vae = build_for_training(load_config("smoke", {"space_to_depth": 2}))
+    assert isinstance(vae, PixelShuffleAutoencoder) and unet.config.in_channels == 12 and unet.config.sample_size == 16
+    clip, llm = HashEncoder(24, max_length=8, seed=1), HashEncoder(40, max_length=8, seed=2)
+    adapter = build_adapter("cam", 24, 40, unet.config.cross_attention_dim, num_heads=4)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    pipe = LLM4GenPipeline(unet=unet, scheduler=scheduler, adapter=adapter, vae=vae, clip_encoder=clip, llm_encoder=llm)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = LLM4GenPipeline.from_pretrained(tmp_path / "pipe", clip_encoder=clip, llm_encoder=llm)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.vae, PixelShuffleAutoencoder)
+    kwargs = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    a = pipe(["a red circle"], **kwargs).images
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    b = loaded(["a red circle"], **kwargs).images
+    assert a.shape == (1, 32, 32, 3) and (a == b).all()
+    with pytest.raises(ValueError, match="not divisible"):
+        build_for_training(load_config("smoke", {"space_to_depth": 3}))

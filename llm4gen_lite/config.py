@@ -44,6 +44,7 @@ class TrainConfig:
     unet: str = "small"  # UNet preset: "tiny", "small", or "sd15" / a local SD1.5-layout folder
     unet_overrides: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel args replacing the preset's
     resolution: int = 32  # image side in pixels (Shapes world renders at this size)
+    space_to_depth: int = 1  # built presets: UNet on pixel-unshuffled images (3·f² channels at 1/f size); lossless
     train_unet: Literal["all", "cross_attention"] = "all"  # "cross_attention": UNet frozen except its attn2 layers
     # --- training data --------------------------------------------------------------------------
     train_data: str = "shapes"  # "shapes" (the procedural world) or an imagefolder (metadata.jsonl: file_name, text)
@@ -66,7 +67,10 @@ class TrainConfig:
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"  # UNet target: ε, v or x0
     zero_terminal_snr: bool = True  # rescale betas to zero SNR at t=T (not with epsilon), "trailing" spacing
     beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear", "linear"] = "squaredcos_cap_v2"  # noise schedule
-    min_snr_gamma: float = 5.0  # min-SNR-γ loss weighting; 0 = plain MSE
+    min_snr_gamma: float = 0.0  # min-SNR-γ loss weighting; 0 = plain MSE
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"  # training t: uniform, or t/T ~ logit-normal
+    logit_mean: float = 0.0  # logit-normal: mean of logit(t/T) (> 0 favours noisier timesteps)
+    logit_std: float = 1.0  # logit-normal: std of logit(t/T)
     # --- guidance training ----------------------------------------------------------------------
     p_uncond: float = 0.1  # probability of dropping all text (empty-prompt features) for CFG
     p_llm: float = 0.1  # probability of dropping the LLM branch alone (two-scale guidance)
@@ -106,14 +110,14 @@ class TrainConfig:
             if not ok:
                 problems.append(msg)
 
-        for key in ("steps", "batch_size", "grad_accum", "resolution", "dataset_size", "cam_heads",
+        for key in ("steps", "batch_size", "grad_accum", "resolution", "space_to_depth", "dataset_size", "cam_heads",
                     "log_every", "keep_last", "sample_steps"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1 (got {getattr(self, key)})")
         for key in ("cpu_threads", "warmup_steps", "checkpoint_every", "validate_every", "curriculum_steps", "validation_max_prompts"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0 (got {getattr(self, key)})")
         for key in ("dense_prob", "p_uncond", "p_llm"):
             need(0.0 <= getattr(self, key) <= 1.0, f"{key} must lie in [0, 1] (got {getattr(self, key)})")
-        for key in ("lr", "weight_decay", "grad_clip", "min_snr_gamma", "entity_weight", "guidance_scale"):
+        for key in ("lr", "weight_decay", "grad_clip", "min_snr_gamma", "entity_weight", "guidance_scale", "logit_std"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0 (got {getattr(self, key)})")
         need(self.lr > 0, "lr must be > 0")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1) (got {self.ema_decay})")

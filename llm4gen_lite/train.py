@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from matplotlib.figure import Figure
 from torch import nn
+from tqdm.auto import tqdm
 
 from .adapter import ConditioningAdapter, build_adapter
 from .attention import capture_cross_attention
@@ -33,7 +38,14 @@ from .checkpoint import (
     capture_rng_state, list_checkpoints, load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint,
 )
 from .config import TrainConfig
+from .encoders import load_encoder
+from .evaluate import compbench_report
+from .feature_cache import FeatureCache
 from .io import atomic_write_bytes, atomic_write_json
+from .pipeline import LLM4GenPipeline
+from .shapes import ImageFolderDataset, ShapesDataset, load_prompt_set
+from .unet import PRESETS, SD15_HUB_ID, PixelShuffleAutoencoder, load_sd15, to_model_space
+from .viz import image_grid
 from .losses import caption_pairs, diffusion_loss, diffusion_target, entity_loss, merge_token_pairs, token_pairs
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -48,7 +60,6 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 class Denoiser(nn.Module):
     """The trained parts as one module (one DDP wrapper, one EMA, one state dict): adapter → UNet."""
-
     def __init__(self, unet: nn.Module, adapter: ConditioningAdapter) -> None:
         super().__init__()
         self.unet = unet
@@ -78,28 +89,29 @@ class Denoiser(nn.Module):
 
 
 def build_unet(config: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
-    """The UNet (and the frozen VAE for latent presets) named by `config.unet`.
+    """The UNet and, for latent models, its frozen (auto)encoder, named by `config.unet`.
 
-    `tiny` / `small` are built from `unet.PRESETS` with `config.unet_overrides` applied;
-    `sd15` or a folder loads a Stable Diffusion 1.5-layout checkpoint (`unet.load_sd15`).
+    `tiny` / `small` are built from `unet.PRESETS` with `config.unet_overrides` applied, on pixels
+    or, with `space_to_depth` f > 1, on `PixelShuffleAutoencoder` latents; `sd15` or a folder loads
+    a Stable Diffusion 1.5-layout checkpoint and its VAE (`unet.load_sd15`).
     """
-    from diffusers import UNet2DConditionModel
-
-    from .unet import PRESETS, SD15_HUB_ID, load_sd15
-
     if config.unet in PRESETS:
-        info = PRESETS[config.unet]
+        info, f = PRESETS[config.unet], config.space_to_depth
+        if config.resolution % f:
+            raise ValueError(f"resolution {config.resolution} is not divisible by space_to_depth={f}")
+        channels = info.in_channels * f * f
         kwargs: dict[str, Any] = dict(
-            sample_size=config.resolution, in_channels=info.in_channels, out_channels=info.in_channels,
+            sample_size=config.resolution // f, in_channels=channels, out_channels=channels,
             cross_attention_dim=info.cross_attention_dim, **info.unet_config,
         )
         kwargs.update({k: tuple(v) if isinstance(v, list) else v for k, v in config.unet_overrides.items()})
         try:
-            return UNet2DConditionModel(**kwargs), None
+            unet = UNet2DConditionModel(**kwargs)
         except (TypeError, ValueError) as err:
             raise ValueError(f"unet_overrides {config.unet_overrides} do not build a UNet: {err}") from err
-    if config.unet_overrides:
-        raise ValueError("unet_overrides apply to the built presets (tiny, small) only, not to a loaded UNet")
+        return unet, (PixelShuffleAutoencoder(f, info.in_channels) if f > 1 else None)
+    if config.unet_overrides or config.space_to_depth > 1:
+        raise ValueError("unet_overrides and space_to_depth apply to the built presets (tiny, small), not to a loaded UNet")
     parts = load_sd15(SD15_HUB_ID if config.unet == "sd15" else config.unet)
     parts.vae.requires_grad_(False).eval()
     return parts.unet, parts.vae
@@ -119,8 +131,6 @@ def noise_scheduler_config(config: TrainConfig) -> dict[str, Any]:
 
 def sampling_scheduler(config: TrainConfig):
     """The DDIM scheduler saved with the pipeline (same betas and target as training)."""
-    from diffusers import DDIMScheduler
-
     extra = {"set_alpha_to_one": False, "steps_offset": 0 if config.zero_terminal_snr else 1}
     return DDIMScheduler(**noise_scheduler_config(config), **extra)
 
@@ -140,7 +150,6 @@ def select_trainable(model: Denoiser, train_unet: str) -> list[nn.Parameter]:
 
 class EMA:
     """Exponential moving average of named parameters, warmed up as `min(decay, (1+n)/(10+n))`."""
-
     def __init__(self, named: dict[str, nn.Parameter], decay: float) -> None:
         self.decay = decay
         self.updates = 0
@@ -189,6 +198,14 @@ def lr_lambda(step: int, config: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def sample_timesteps(batch: int, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps `[batch]` in `[0, T)`: uniform, or `t/T = sigmoid(N(logit_mean, logit_std))`."""
+    if config.timestep_sampling == "uniform":
+        return torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
+    u = torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(batch, generator=generator))
+    return (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +232,6 @@ def shard_indices(micro_step: int, batch_size: int, rank: int, world_size: int, 
 @dataclass
 class TrainingBatch:
     """One process's micro-batch, features looked up from the cache."""
-
     images: torch.Tensor  # [batch, 3, H, W] in [-1, 1]
     texts: list[str]  # captions ("" where the text was dropped for guidance)
     pairs: list[list[tuple[tuple[int, int], tuple[int, int]]]]  # per row: (attribute span, entity span)
@@ -227,9 +243,7 @@ class TrainingBatch:
 
 class TrainingData:
     """The datasets of a run (Shapes curriculum stage first, or an imagefolder) and their cached features."""
-
     def __init__(self, config: TrainConfig, rank: int, world_size: int) -> None:
-        from .shapes import ImageFolderDataset, ShapesDataset
 
         self.config, self.rank, self.world_size = config, rank, world_size
         if config.train_data == "shapes":
@@ -287,8 +301,6 @@ class TrainingData:
 
 def load_encoders(config: TrainConfig) -> tuple[Any, Any]:
     """The frozen CLIP-role and LLM encoders the variant reads (None for a role it ignores)."""
-    from .encoders import load_encoder
-
     clip = load_encoder(config.clip_encoder, role="clip") if config.uses_clip else None
     llm_kwargs = {} if config.llm_layer is None else {"layer": config.llm_layer}
     llm = load_encoder(config.llm_encoder, role="llm", **llm_kwargs) if config.uses_llm else None
@@ -307,8 +319,6 @@ def build_feature_caches(
 
     Returns `{role: FeatureCache}` for the roles whose encoder is not None.
     """
-    from .feature_cache import FeatureCache
-
     captions = list(dict.fromkeys(data.captions() + [r["prompt"] for r in rows]))
     caches = {}
     for role, encoder in encoders.items():
@@ -327,8 +337,6 @@ def build_feature_caches(
 # ----------------------------------------------------------------------------------------------
 def validation_rows(config: TrainConfig) -> list[dict]:
     """The fixed validation prompts: `validation_max_prompts` rows spread evenly over the set."""
-    from .shapes import load_prompt_set
-
     rows = load_prompt_set(config.validation_prompts)
     n = min(len(rows), config.validation_max_prompts)
     return [rows[i * len(rows) // n] for i in range(n)] if n else []
@@ -336,8 +344,6 @@ def validation_rows(config: TrainConfig) -> list[dict]:
 
 def make_pipeline(model: Denoiser, vae: nn.Module | None, config: TrainConfig, clip_encoder: Any, llm_encoder: Any):
     """An `LLM4GenPipeline` around the (unwrapped) trained modules."""
-    from .pipeline import LLM4GenPipeline
-
     return LLM4GenPipeline(
         unet=model.unet, scheduler=sampling_scheduler(config), adapter=model.adapter, vae=vae,
         clip_encoder=clip_encoder, llm_encoder=llm_encoder,
@@ -347,8 +353,6 @@ def make_pipeline(model: Denoiser, vae: nn.Module | None, config: TrainConfig, c
 @torch.no_grad()
 def validate(pipeline, rows: list[dict], caches: dict[str, Any], config: TrainConfig, out_png: Path) -> dict[str, Any]:
     """Sample the validation prompts (fixed seed), save a grid, return CompBench-lite scores."""
-    from .evaluate import compbench_report
-
     prompts = [r["prompt"] for r in rows]
     kwargs: dict[str, Any] = {}
     for role in ("clip", "llm"):
@@ -377,7 +381,6 @@ def _flatten_scores(report: dict[str, Any]) -> dict[str, float]:
 
 class _MetricsLog:
     """`metrics.jsonl` (one JSON record per line), written by the main process only."""
-
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():  # drop records past the checkpoint
@@ -403,15 +406,11 @@ def _save_figure(fig, path: Path) -> None:
 
 def save_grid(images: Any, captions: list[str], path: Path, title: str | None = None) -> None:
     """Save sampled images `[batch, H, W, 3]` with their prompts as one PNG grid."""
-    from .viz import image_grid
-
     _save_figure(image_grid(images, captions, ncols=8, title=title), path)
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     """Training loss (and the entity term, when used) against step, from `metrics.jsonl` records."""
-    from matplotlib.figure import Figure
-
     train = [r for r in records if r.get("kind") == "train"]
     if not train:
         return
@@ -428,218 +427,262 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     _save_figure(fig, path)
 
 
+class Trainer:
+    """One training run: set up from a config, then `run()`; `train(config)` is the short form.
+
+    Holds the accelerator, data, frozen encoders and caches, the trained `Denoiser` (prepared for
+    DDP), optimizer, LR schedule, EMA and the per-process training generator.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        self.config = config
+        self.accelerator = Accelerator(
+            cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+        )
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.run_dir = Path(config.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            where = f"{self.world} process{'es' if self.world > 1 else ''}, {self.accelerator.device}"
+            print(f"training config ({where}):\n{config.pretty()}")
+            atomic_write_json(self.run_dir / "config.json", config.to_dict())
+
+        # frozen encoders and their cached features (the main process builds, the others read)
+        set_seed(config.seed)
+        self.data = TrainingData(config, self.rank, self.world)
+        self.clip_encoder, self.llm_encoder = load_encoders(config)
+        self.rows = validation_rows(config)
+        self.data.caches = build_feature_caches(
+            config, self.data, self.rows, {"clip": self.clip_encoder, "llm": self.llm_encoder}, self.is_main,
+            self.accelerator.wait_for_everyone,
+        )
+
+        # trained modules (identical initialisation on every process)
+        set_seed(config.seed)
+        unet, self.vae = build_unet(config)
+        adapter = build_adapter(
+            config.variant,
+            clip_dim=self.clip_encoder.dim if self.clip_encoder is not None else 0,  # 0: unused by this variant
+            llm_dim=self.llm_encoder.dim if self.llm_encoder is not None else 0,
+            cross_attention_dim=unet.config.cross_attention_dim,
+            num_heads=config.cam_heads,
+            llm_scale=config.llm_scale,
+        )
+        model = Denoiser(unet, adapter)
+        self.params = select_trainable(model, config.train_unet)
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if self.is_main:
+            total = sum(p.numel() for p in model.parameters())
+            print(f"trainable parameters: {sum(p.numel() for p in self.params) / 1e6:.2f}M of {total / 1e6:.2f}M")
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_lambda, config=config))
+        self.ema = EMA(self.named, config.ema_decay) if config.ema_decay > 0 else None
+        self.noise_scheduler = DDPMScheduler(**noise_scheduler_config(config))
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.accelerator.device)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.vae is not None:
+            self.vae.to(self.accelerator.device)
+        self.base = self.accelerator.unwrap_model(self.model)
+        self.generator = torch.Generator().manual_seed(config.seed * 7919 + self.rank)
+
+        # entity-guided loss: nothing is installed when λ_e = 0
+        self.clip_tokens = self.clip_encoder.max_length if self.clip_encoder is not None else 0
+        self.capture = (
+            functools.partial(capture_cross_attention, self.base.unet, config.entity_layers or None, "last")
+            if config.entity_weight > 0 else contextlib.nullcontext
+        )
+        self.start_step = 0
+        self.resumed_from: Path | None = None
+
+    # ------------------------------------------------------------------ state
+    def restore(self, resume_from: str) -> None:
+        """Load a checkpoint ("latest" or a folder) into every piece of state, RNGs included."""
+        path = resolve_checkpoint(self.ckpt_root, resume_from)
+        parts, rank_state = load_checkpoint(path, self.rank)
+        missing = set(self.named) ^ set(parts["model"])
+        if missing:
+            raise ValueError(f"{path} holds weights for a different model (e.g. {sorted(missing)[:3]})")
+        reshaped = [
+            f"{name} {tuple(parts['model'][name].shape)} in the checkpoint, {tuple(p.shape)} in this model"
+            for name, p in self.named.items() if parts["model"][name].shape != p.shape
+        ]
+        if reshaped:
+            raise ValueError(
+                f"{path / 'model.safetensors'} holds weights of another shape ({len(reshaped)} tensors, e.g. "
+                f"{reshaped[0]}): it was trained with a different UNet/adapter config; resume with the run's own config"
+            )
+        if rank_state is None:
+            raise ValueError(f"{path} has no RNG state for process {self.rank}; resume with the same number of processes")
+        with torch.no_grad():
+            for name, p in self.named.items():
+                p.copy_(parts["model"][name])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(parts["ema"])
+        restore_rng_state(rank_state, {"train": self.generator})
+        self.start_step, self.resumed_from = int(parts["progress"]["step"]), path
+        if self.is_main:
+            print(f"resumed from {path} at step {self.start_step}")
+
+    def checkpoint(self, step: int) -> Path:
+        """Write checkpoint `step` (every process takes part: each saves its RNG states)."""
+        parts = {
+            "model": {n: p.detach() for n, p in self.named.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "progress": {"step": step, "micro_step": step * self.config.grad_accum, "world_size": self.world},
+        }
+        if self.ema is not None:
+            parts["ema"] = self.ema.state_dict()
+        return save_checkpoint(
+            self.ckpt_root, step, parts, rank_state=capture_rng_state({"train": self.generator}), rank=self.rank,
+            is_main=self.is_main, barrier=self.accelerator.wait_for_everyone, keep_last=self.config.keep_last,
+        )
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """Context in which the trained modules hold the EMA weights (the raw ones without EMA)."""
+        return self.ema.swapped_into(self.named) if self.ema is not None else contextlib.nullcontext()
+
+    def pipeline(self):
+        """An `LLM4GenPipeline` around the current (unwrapped) modules."""
+        return make_pipeline(self.base, self.vae, self.config, self.clip_encoder, self.llm_encoder)
+
+    def validate(self, step: int, metrics: _MetricsLog) -> dict[str, Any]:
+        """Sample and score the validation prompts with the EMA weights (main process)."""
+        report: dict[str, Any] = {}
+        if self.is_main and self.rows:
+            pipe = self.pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            self.base.eval()
+            with self.ema_weights():
+                out_png = self.run_dir / "samples" / f"step_{step:07d}.png"
+                report = validate(pipe, self.rows, self.data.caches, self.config, out_png)
+            self.base.train()
+            metrics.write({"kind": "validation", "step": step, **_flatten_scores(report)})
+            plot_loss_curve(metrics.records(), self.run_dir / "loss_curve.png")
+        self.accelerator.wait_for_everyone()
+        return report
+
+    # ------------------------------------------------------------------ one micro-batch
+    def losses(self, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(loss, diffusion_loss, entity_loss)` of one micro-batch (noise, timesteps from the generator)."""
+        config, device = self.config, self.accelerator.device
+        with torch.no_grad():
+            x0 = to_model_space(batch.images.to(device), self.vae, generator=None)
+        noise = torch.randn(x0.shape, generator=self.generator).to(device, x0.dtype)
+        timesteps = sample_timesteps(x0.shape[0], config, self.generator).to(device)
+        a_t = self.alphas_cumprod[timesteps]
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        feats = {}
+        for role, f in (("clip", batch.clip), ("llm", batch.llm)):
+            feats[f"{role}_states"] = None if f is None else f.features.to(device)
+            feats[f"{role}_mask"] = None if f is None else f.mask.to(device)
+        with self.capture() as store:
+            pred = self.model(noisy, timesteps, drop_llm=batch.drop_llm.to(device), **feats)
+        target = diffusion_target(x0, noise, a_t, config.prediction_type)
+        d_loss = diffusion_loss(pred, target, a_t, config.min_snr_gamma, config.prediction_type)
+        e_loss = torch.zeros((), device=device)
+        if store is not None:
+            e_loss = _entity_term(store, batch, timesteps, config, self.clip_tokens)
+        return d_loss + config.entity_weight * e_loss, d_loss, e_loss
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Path:
+        """Train to `config.steps`; returns the saved pipeline folder `output_dir/pipeline`."""
+        config, accelerator = self.config, self.accelerator
+        if config.resume_from is not None:
+            self.restore(config.resume_from)
+        start = self.start_step
+        metrics = _MetricsLog(self.run_dir / "metrics.jsonl", self.is_main, start if self.resumed_from else None)
+        existing = list_checkpoints(self.ckpt_root)
+        last_good = existing[-1] if existing else None
+        self.model.train()
+        progress = tqdm(total=config.steps, initial=start, disable=not self.is_main, desc="training", dynamic_ncols=True)
+        window: list[float] = []
+        t_start, train_seconds = time.perf_counter(), 0.0  # wall time; time in training steps only
+        for step in range(start, config.steps):
+            t_step = time.perf_counter()
+            logged = {"loss": 0.0, "diffusion_loss": 0.0, "entity_loss": 0.0}
+            grad_norm = float("nan")
+            for micro in range(config.grad_accum):
+                batch = self.data.batch(step * config.grad_accum + micro, self.generator)
+                with accelerator.accumulate(self.model):
+                    loss, d_loss, e_loss = self.losses(batch)
+                    if not _all_finite(loss, accelerator):
+                        progress.close()
+                        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                        raise NonFiniteLossError(
+                            f"loss became {loss.item()} at step {step} (diffusion {d_loss.item()}, entity "
+                            f"{e_loss.item()}): training stopped before the update; {kept}. Lower lr, keep "
+                            "grad_clip > 0, or check the features."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.grad_clip > 0:
+                        grad_norm = float(accelerator.clip_grad_norm_(self.params, config.grad_clip))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for key, value in zip(logged, (loss, d_loss, e_loss)):
+                    logged[key] += value.item() / config.grad_accum
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.named)
+            done = step + 1
+            window.append(logged["loss"])
+            train_seconds += time.perf_counter() - t_step
+            progress.update(1)
+            progress.set_postfix(loss=f"{np.mean(window[-20:]):.4f}", refresh=False)
+            if done % config.log_every == 0 or done == config.steps:
+                metrics.write({
+                    "kind": "train", "step": done, **logged, "lr": self.lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm, "s_per_step": train_seconds / (done - start),
+                    "elapsed_s": time.perf_counter() - t_start,
+                })
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                last_good = self.checkpoint(done)
+            if config.validate_every and done % config.validate_every == 0 and done < config.steps:
+                self.validate(done, metrics)
+        progress.close()
+        return self._finish(metrics, start, time.perf_counter() - t_start, train_seconds)
+
+    def _finish(self, metrics: _MetricsLog, start: int, seconds: float, train_seconds: float) -> Path:
+        """Final checkpoint, final validation, the pipeline with EMA weights, `summary.json`."""
+        config = self.config
+        if start < config.steps or not list_checkpoints(self.ckpt_root):
+            self.checkpoint(config.steps)
+        report = self.validate(config.steps, metrics)
+        pipeline_dir = self.run_dir / "pipeline"
+        if self.is_main:
+            with self.ema_weights():
+                self.pipeline().save_pretrained(pipeline_dir)
+            steps_run = max(1, config.steps - start)
+            summary = {
+                "steps": config.steps, "steps_this_session": config.steps - start, "wall_seconds": seconds,
+                "train_seconds": train_seconds, "s_per_step": train_seconds / steps_run, "world_size": self.world,
+                "validation": report,
+            }
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            plot_loss_curve(metrics.records(), self.run_dir / "loss_curve.png")
+            print(f"done: {steps_run} steps, {seconds / 60:.1f} min wall ({train_seconds / steps_run:.2f} s per "
+                  f"training step); pipeline: {pipeline_dir}")
+            if report:
+                print("validation:", json.dumps(_flatten_scores(report)))
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return pipeline_dir
+
+
 def train(config: TrainConfig) -> Path:
     """Train one run described by `config`; returns the saved pipeline folder `output_dir/pipeline`.
 
     Raises `NonFiniteLossError` (the last good checkpoint is kept) if the loss becomes NaN/inf.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-
-    from .unet import to_model_space
-
-    if config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
-    accelerator = Accelerator(
-        cpu=config.device == "cpu", mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    run_dir = Path(config.output_dir)
-    ckpt_root = run_dir / "checkpoints"
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"training config ({world} process{'es' if world > 1 else ''}, {accelerator.device}):\n{config.pretty()}")
-        atomic_write_json(run_dir / "config.json", config.to_dict())
-
-    # ---- frozen encoders and their cached features (main process builds, the others read)
-    set_seed(config.seed)
-    data = TrainingData(config, rank, world)
-    clip_encoder, llm_encoder = load_encoders(config)
-    rows = validation_rows(config)
-    data.caches = build_feature_caches(
-        config, data, rows, {"clip": clip_encoder, "llm": llm_encoder}, is_main, accelerator.wait_for_everyone
-    )
-
-    # ---- trained modules
-    set_seed(config.seed)
-    unet, vae = build_unet(config)
-    adapter = build_adapter(
-        config.variant,
-        clip_dim=clip_encoder.dim if clip_encoder is not None else 0,  # 0: unused by this variant
-        llm_dim=llm_encoder.dim if llm_encoder is not None else 0,
-        cross_attention_dim=unet.config.cross_attention_dim,
-        num_heads=config.cam_heads,
-        llm_scale=config.llm_scale,
-    )
-    model = Denoiser(unet, adapter)
-    params = select_trainable(model, config.train_unet)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if is_main:
-        total = sum(p.numel() for p in model.parameters())
-        print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M of {total / 1e6:.2f}M")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_lambda, config=config))
-    ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
-    noise_scheduler = DDPMScheduler(**noise_scheduler_config(config))
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if vae is not None:
-        vae.to(accelerator.device)
-    base = accelerator.unwrap_model(model)
-    generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
-
-    # ---- resume
-    start_step, resumed_from = 0, None
-    if config.resume_from is not None:
-        resumed_from = resolve_checkpoint(ckpt_root, config.resume_from)
-        parts, rank_state = load_checkpoint(resumed_from, rank)
-        missing = set(named) ^ set(parts["model"])
-        if missing:
-            raise ValueError(f"{resumed_from} holds weights for a different model (e.g. {sorted(missing)[:3]})")
-        with torch.no_grad():
-            for name, p in named.items():
-                p.copy_(parts["model"][name])
-        optimizer.load_state_dict(parts["optimizer"])
-        lr_scheduler.load_state_dict(parts["lr_scheduler"])
-        if ema is not None:
-            ema.load_state_dict(parts["ema"])
-        if rank_state is None:
-            raise ValueError(f"{resumed_from} has no RNG state for process {rank}; resume with the same number of processes")
-        restore_rng_state(rank_state, {"train": generator})
-        start_step = int(parts["progress"]["step"])
-        if is_main:
-            print(f"resumed from {resumed_from} at step {start_step}")
-    metrics = _MetricsLog(run_dir / "metrics.jsonl", is_main, start_step if resumed_from else None)
-
-    def checkpoint(step: int) -> Path:
-        parts = {
-            "model": {n: p.detach() for n, p in named.items()},
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "progress": {"step": step, "micro_step": step * config.grad_accum, "world_size": world},
-        }
-        if ema is not None:
-            parts["ema"] = ema.state_dict()
-        return save_checkpoint(
-            ckpt_root, step, parts, rank_state=capture_rng_state({"train": generator}), rank=rank, is_main=is_main,
-            barrier=accelerator.wait_for_everyone, keep_last=config.keep_last,
-        )
-
-    def run_validation(step: int) -> dict[str, Any]:
-        report: dict[str, Any] = {}
-        if is_main and rows:
-            pipe = make_pipeline(base, vae, config, clip_encoder, llm_encoder)
-            pipe.set_progress_bar_config(disable=True)
-            swap = ema.swapped_into(named) if ema is not None else contextlib.nullcontext()
-            base.eval()
-            with swap:
-                report = validate(pipe, rows, data.caches, config, run_dir / "samples" / f"step_{step:07d}.png")
-            base.train()
-            metrics.write({"kind": "validation", "step": step, **_flatten_scores(report)})
-            plot_loss_curve(metrics.records(), run_dir / "loss_curve.png")
-        accelerator.wait_for_everyone()
-        return report
-
-    # ---- entity-guided loss set-up (nothing is installed when λ_e = 0)
-    use_entity = config.entity_weight > 0
-    clip_tokens = clip_encoder.max_length if clip_encoder is not None else 0
-    total_tokens = clip_tokens + (llm_encoder.max_length if llm_encoder is not None else 0)
-    capture = (
-        functools.partial(capture_cross_attention, base.unet, config.entity_layers or None, "last")
-        if use_entity else contextlib.nullcontext
-    )
-
-    model.train()
-    progress = tqdm(total=config.steps, initial=start_step, disable=not is_main, desc="training", dynamic_ncols=True)
-    window: list[float] = []
-    existing = list_checkpoints(ckpt_root)
-    last_good = existing[-1] if existing else None
-    t_start, train_seconds = time.perf_counter(), 0.0  # wall time; time in training steps only
-    for step in range(start_step, config.steps):
-        t_step = time.perf_counter()
-        step_losses: dict[str, float] = {"loss": 0.0, "diffusion_loss": 0.0, "entity_loss": 0.0}
-        grad_norm = float("nan")
-        for micro in range(config.grad_accum):
-            batch = data.batch(step * config.grad_accum + micro, generator)
-            with accelerator.accumulate(model):
-                with torch.no_grad():
-                    x0 = to_model_space(batch.images.to(accelerator.device), vae, generator=None)
-                noise = torch.randn(x0.shape, generator=generator).to(accelerator.device, x0.dtype)
-                timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=generator).to(accelerator.device)
-                a_t = alphas_cumprod[timesteps]
-                noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-                feats = {}
-                for role, f in (("clip", batch.clip), ("llm", batch.llm)):
-                    feats[f"{role}_states"] = None if f is None else f.features.to(accelerator.device)
-                    feats[f"{role}_mask"] = None if f is None else f.mask.to(accelerator.device)
-                with capture() as store:
-                    pred = model(noisy, timesteps, drop_llm=batch.drop_llm.to(accelerator.device), **feats)
-                target = diffusion_target(x0, noise, a_t, config.prediction_type)
-                d_loss = diffusion_loss(pred, target, a_t, config.min_snr_gamma, config.prediction_type)
-                e_loss = torch.zeros((), device=accelerator.device)
-                if use_entity:
-                    e_loss = _entity_term(store, batch, timesteps, config, clip_tokens, total_tokens)
-                loss = d_loss + config.entity_weight * e_loss
-                if not _all_finite(loss, accelerator):
-                    progress.close()
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at step {step} (diffusion {d_loss.item()}, entity {e_loss.item()}): "
-                        f"training stopped before the update; {where}. Lower lr, keep grad_clip > 0, or check the features."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, config.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in (("loss", loss), ("diffusion_loss", d_loss), ("entity_loss", e_loss)):
-                step_losses[key] += value.item() / config.grad_accum
-        lr_scheduler.step()
-        if ema is not None:
-            ema.update(named)
-        done = step + 1
-        window.append(step_losses["loss"])
-        train_seconds += time.perf_counter() - t_step
-        progress.update(1)
-        progress.set_postfix(loss=f"{np.mean(window[-20:]):.4f}", refresh=False)
-        if done % config.log_every == 0 or done == config.steps:
-            metrics.write({
-                "kind": "train", "step": done, **step_losses, "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm, "s_per_step": train_seconds / (done - start_step),
-                "elapsed_s": time.perf_counter() - t_start,
-            })
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            last_good = checkpoint(done)
-        if config.validate_every and done % config.validate_every == 0 and done < config.steps:
-            run_validation(done)
-    progress.close()
-
-    # ---- final checkpoint, pipeline with EMA weights, final validation
-    if start_step < config.steps or not list_checkpoints(ckpt_root):
-        checkpoint(config.steps)
-    pipeline_dir = run_dir / "pipeline"
-    report = run_validation(config.steps)
-    if is_main:
-        swap = ema.swapped_into(named) if ema is not None else contextlib.nullcontext()
-        with swap:
-            make_pipeline(base, vae, config, clip_encoder, llm_encoder).save_pretrained(pipeline_dir)
-        seconds = time.perf_counter() - t_start
-        steps_run = max(1, config.steps - start_step)
-        summary = {"steps": config.steps, "steps_this_session": config.steps - start_step, "wall_seconds": seconds,
-                   "train_seconds": train_seconds, "s_per_step": train_seconds / steps_run,
-                   "world_size": world, "validation": report}
-        atomic_write_json(run_dir / "summary.json", summary)
-        plot_loss_curve(metrics.records(), run_dir / "loss_curve.png")
-        print(f"done: {steps_run} steps, {seconds / 60:.1f} min wall ({train_seconds / steps_run:.2f} s per training "
-              f"step); pipeline: {pipeline_dir}")
-        if report:
-            print("validation:", json.dumps(_flatten_scores(report), indent=None))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return pipeline_dir
+    return Trainer(config).run()
 
 
 def _all_finite(loss: torch.Tensor, accelerator) -> bool:
@@ -651,8 +694,10 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
 
 
 def _entity_term(store, batch: TrainingBatch, timesteps: torch.Tensor, config: TrainConfig,
-                 clip_tokens: int, total_tokens: int) -> torch.Tensor:
+                 clip_tokens: int) -> torch.Tensor:
     """λ_e's term for one micro-batch from the captured (differentiable) cross-attention maps."""
+    maps = [store.get(layer) for layer in store.layers]
+    total_tokens = maps[0].shape[1]  # [batch, tokens, H, W]: the context as the adapter trimmed it
     keep = (~batch.drop_text).tolist()
     parts = []
     if config.entity_tokens in ("clip", "both") and batch.clip is not None:
@@ -666,5 +711,4 @@ def _entity_term(store, batch: TrainingBatch, timesteps: torch.Tensor, config: T
             "use 'both', or the branch this variant has"
         )
     in_range = ((timesteps >= config.entity_t_min) & (timesteps < config.entity_t_max)).float()
-    maps = [store.get(layer) for layer in store.layers]
     return entity_loss(maps, merge_token_pairs(parts), config.entity_distance, row_weights=in_range)

@@ -56,7 +56,7 @@ def test_exit_code_2_from_a_real_process():
 def test_smoke_round_trip_train_sample_evaluate(tiny_clip_text_dir, tiny_llama_dir, isolated_cache, tmp_path, capsys):
     run = tmp_path / "run"
     sets = ["--set", f"output_dir={run}", "--set", f"clip_encoder={tiny_clip_text_dir}",
-            "--set", f"llm_encoder={tiny_llama_dir}", "--set", "cpu_threads=1", "--set", "sample_steps=2"]
+            "--set", f"llm_encoder={tiny_llama_dir}", "--set", "cpu_threads=1", "--set", "sample_steps=2", "--set", "resolution=16"]
     assert main(["cache-features", "--config", "smoke", *sets]) == 0
     assert "captions cached" in capsys.readouterr().out
     assert main(["train", "--config", "smoke", *sets]) == 0

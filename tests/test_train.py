@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(out: Path, clip_dir: Path, llm_dir: Path, **changes) -> TrainConfig:
-    """The smoke preset on the tiny test encoders, one CPU thread, no validation unless asked."""
+    """The smoke preset on the tiny test encoders at 16 px, one CPU thread, no validation unless asked."""
     base = {
         "output_dir": str(out), "clip_encoder": str(clip_dir), "llm_encoder": str(llm_dir), "cpu_threads": 1,
-        "validation_max_prompts": 0,
+        "validation_max_prompts": 0, "resolution": 16,
     }
     return load_config("smoke", {**base, **changes})
 
@@ -170,6 +170,7 @@ def test_two_process_torchrun_shards_data_and_agrees_on_weights(tiny_clip_text_d
     overrides = {
         "output_dir": str(tmp_path / "run"), "clip_encoder": str(tiny_clip_text_dir), "llm_encoder": str(tiny_llama_dir),
         "cpu_threads": 1, "validation_max_prompts": 0, "steps": 2, "batch_size": 2, "checkpoint_every": 0,
+        "resolution": 16,
     }
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,8 +8,7 @@
 Every comparison interleaves its configurations (round r runs A B C ..., round r+1 runs them in
 reverse) after a warm-up call of each, so load from other processes hits all sides alike; a ratio is
 the median over rounds of the ratio within a round, and absolute times (medians) are context only.
-Measured: the training-step cost of the CAM (`cam` / `clip`, also with the LLM sequence trimmed to
-the batch's longest prompt), the feature cache against running both encoders every step, the
+Measured: the training-step cost of the CAM (`cam` / `clip`), the feature cache against running both encoders every step, the
 pipeline against a plain diffusers loop, LLM-guided sampling against CFG, the achieved FLOP/s of a
 training step against a large matmul, step time against batch size and resolution, and peak memory
 of training and of feature extraction (each in its own process, `bench/peak_memory.py`).
@@ -48,8 +47,9 @@ from llm4gen_lite.encoders import TextFeatures  # noqa: E402
 from llm4gen_lite.io import atomic_write_json  # noqa: E402
 from workloads import (  # noqa: E402
     CATEGORIES, SamplingSetup, TrainStep, autocast, bench_config, count_flops, make_pipeline, matmul_reference,
-    pipeline_sample, plain_sample, time_by_category, trim_to_longest,
+    pipeline_sample, plain_sample, time_by_category,
 )
+from llm4gen_lite.adapter import trim_padding  # noqa: E402
 
 RESULTS = BENCH / "results.json"
 DOCS = REPO / "docs" / "BENCHMARKS.md"
@@ -173,36 +173,34 @@ class LiteText:
 # ----------------------------------------------------------------------------------------------
 def cam_overhead(text: LiteText, preset: str, sizes: Sizes, device: torch.device, precision: str,
                  sync: Callable[[], None], report: Report, reference: Callable[[], object] | None) -> dict[str, Any]:
-    """Training step `cam` / `clip` on one batch, and `cam` with the LLM sequence trimmed; with
-    `reference` (a matmul loop) also interleaved, for the hardware efficiency of the main preset."""
+    """Training step `cam` / `clip` on one batch (the adapter trims the cached LLM sequence to the
+    batch's longest prompt); with `reference` (a matmul loop) also interleaved, for the hardware
+    efficiency of the main preset."""
     config = bench_config(sizes.batch)
     batch = text.cached.batch(0, text.generator(0))
     clip, llm = batch.clip, batch.llm
-    trimmed = trim_to_longest(llm)
+    used = trim_padding(llm.features, llm.mask)[1].shape[1]
     steps = {v: TrainStep(preset, v, *text.dims, config, device, precision) for v in ("clip", "cam")}
     cases: dict[str, Callable[[], object]] = {
         "clip": lambda: steps["clip"](clip, None),
         "cam": lambda: steps["cam"](clip, llm),
-        "cam, LLM trimmed": lambda: steps["cam"](clip, trimmed),
     }
     if reference is not None:
         cases["matmul"] = reference
     times = interleaved(cases, sizes.warmup, sizes.repeats, sync)
     where = f"{preset}, batch {sizes.batch}"
-    report.ratio(f"training step cam / clip ({where})", times, "cam", "clip", target=1.15)
-    report.ratio(f"training step cam with LLM trimmed / clip ({where})", times, "cam, LLM trimmed", "clip",
-                 target=1.15, note=f"LLM positions {llm.mask.shape[1]} -> {trimmed.mask.shape[1]}")
+    report.ratio(f"training step cam / clip ({where})", times, "cam", "clip", target=1.15,
+                 note=f"LLM positions cached {llm.mask.shape[1]}, used {used}")
     out: dict[str, Any] = {
         "preset": preset, "batch": sizes.batch, "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "llm_positions": llm.mask.shape[1], "llm_positions_trimmed": trimmed.mask.shape[1],
+        "llm_positions": llm.mask.shape[1], "llm_positions_used": used,
         "llm_real_tokens_mean": float(llm.mask.sum(1).float().mean()),
         "clip_real_tokens_mean": float(clip.mask.sum(1).float().mean()),
     }
     if reference is not None:
         out["times"] = times
         out["flops"] = {name: count_flops(fn) for name, fn in cases.items() if name != "matmul"}
-        out["adapter_gflop"] = {name: count_flops(lambda f=f: steps["cam"].adapter_only(clip, f))["total"] / 1e9
-                                for name, f in (("cam", llm), ("cam, LLM trimmed", trimmed))}
+        out["adapter_gflop"] = count_flops(lambda: steps["cam"].adapter_only(clip, llm))["total"] / 1e9
         out["time_share"] = time_by_category(cases["cam"], device)
     return out
 
@@ -429,8 +427,8 @@ def markdown(key: str, record: dict[str, Any]) -> str:
     adapter = record["cam_overhead"][0]["adapter_gflop"]
     lines += ["", f"The `cam` step does {steps['cam']['gflop_per_step'] - steps['clip']['gflop_per_step']:.1f} GFLOP more "
               f"than `clip` ({steps['cam']['gflop_per_step'] / steps['clip']['gflop_per_step']:.2f}×); the CAM itself "
-              f"(forward + backward) is {adapter['cam']:.3g} GFLOP of it ({adapter['cam, LLM trimmed']:.3g} with the LLM "
-              "sequence trimmed), the rest is the UNet's cross-attention over the longer context."]
+              f"(forward + backward) is {adapter:.3g} GFLOP of it, the rest is the UNet's cross-attention over the "
+              "longer context."]
     lines += ["", "Where the `cam` step's time goes (profiler self time):", "",
               "| kind of op | share of step time | achieved GFLOP/s |", "|---|---|---|"]
     for k, v in eff["cam_by_category"].items():

@@ -34,14 +34,6 @@ def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def trim_to_longest(features: TextFeatures) -> TextFeatures:
-    """Drop the padding positions after the batch's longest real prompt: `[B, T, d]` -> `[B, T', d]`."""
-    real = features.mask.any(0).nonzero()
-    length = int(real.max()) + 1 if len(real) else 1
-    return TextFeatures(features.features[:, :length], features.mask[:, :length],
-                        [row[:length] for row in features.offsets], features.truncated)
-
-
 class TrainStep:
     """One optimiser step of the lite training loop on a fixed batch of noisy images.
 

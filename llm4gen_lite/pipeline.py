@@ -410,10 +410,11 @@ class LLM4GenPipeline(DiffusionPipeline):
         capture = (
             capture_cross_attention(self.unet, attention_layers, mode="mean") if return_attention else nullcontext()
         )
+        unet_kwargs = context.unet_kwargs()
         with capture as store:
             for t in self.progress_bar(self.scheduler.timesteps):
                 model_in = self.scheduler.scale_model_input(torch.cat([latents] * n), t)
-                pred = self.unet(model_in, t, **context.unet_kwargs()).sample
+                pred = self.unet(model_in, t, **unet_kwargs).sample
                 parts = pred.chunk(n)
                 if n == 2:
                     pred = parts[0] + guidance_scale * (parts[1] - parts[0])

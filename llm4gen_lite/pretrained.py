@@ -48,6 +48,8 @@ def train_variant(variant: str, out_dir: str | Path, smoke: bool, seed: int = 0,
 def trained_pipeline(variant: str, out_dir: str | Path, smoke: bool = False, seed: int = 0, device: str = "cpu"):
     """`(pipeline, source)`: the shipped pipeline of `variant`, else one trained in `out_dir`, else a
     freshly trained one. `source` says which, for the notebook to print."""
+    import torch
+
     from .paths import resolve_device
     from .pipeline import LLM4GenPipeline
 
@@ -59,7 +61,7 @@ def trained_pipeline(variant: str, out_dir: str | Path, smoke: bool = False, see
     else:
         folder = train_variant(variant, out_dir, smoke, seed, device)
         source = f"trained now ({'smoke' if smoke else 'quick'} preset) in {folder.parent}"
-    pipe = LLM4GenPipeline.from_pretrained(folder)
+    pipe = LLM4GenPipeline.from_pretrained(folder, torch_dtype=torch.float32)  # shipped weights are fp16
     return pipe.to(resolve_device(device)), source
 
 

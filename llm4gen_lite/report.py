@@ -48,22 +48,39 @@ def _chw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
+def spread_rows(rows: list[dict], n: int | None) -> list[dict]:
+    """At most `n` rows spread evenly over the file (not its head); rows that share a `pair_id`
+    (attribute-swap twins) are kept or dropped together."""
+    if n is None or len(rows) <= n:
+        return rows
+    groups: dict[Any, list[dict]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.get("pair_id", ("row", i)), []).append(row)
+    units = list(groups.values())
+    per_unit = max(len(u) for u in units)
+    k = max(1, n // per_unit)
+    return [row for j in range(k) for row in units[j * len(units) // k]]
+
+
 def evaluate_pipeline(pipe, sets: Sequence[str] = DEFAULT_SETS, max_prompts: int | None = None,
                       steps: int = 25, guidance_scale: float = 3.0, llm_guidance_scale: float | None = None,
                       seed: int = 0, fid_samples: int = MIN_FID_SAMPLES) -> dict[str, Any]:
     """Score `pipe` on prompt sets; returns a JSON-able dict (see module docstring).
 
     `fid_samples` test-iid prompts are sampled for FID/KID (at least `MIN_FID_SAMPLES` for a number;
-    fewer records why FID was not computed)."""
+    fewer records why FID was not computed; 0 skips it)."""
     result: dict[str, Any] = {"settings": {"steps": steps, "guidance_scale": guidance_scale,
                                            "llm_guidance_scale": llm_guidance_scale, "seed": seed,
                                            "max_prompts": max_prompts}, "sets": {}}
     for name in sets:
-        rows = shapes.load_prompt_set(name)[:max_prompts]
+        rows = spread_rows(shapes.load_prompt_set(name), max_prompts)
         images = sample_images(pipe, [r["prompt"] for r in rows], steps, guidance_scale, seed, llm_guidance_scale)
         report = evaluate.compbench_report(images, rows)
         report["shapesclip_score"] = clip_score_mean(_chw(images), [r["prompt"] for r in rows]).mean
         result["sets"][name] = report
+    if fid_samples <= 0:
+        result["fid"] = result["kid"] = {"refused": "not requested (fid_samples=0)"}
+        return result
     iid = shapes.load_prompt_set("test_iid")
     iid = (iid * (fid_samples // len(iid) + 1))[:fid_samples]
     fake = _chw(sample_images(pipe, [r["prompt"] for r in iid], steps, guidance_scale, seed + 10_000,

@@ -1,7 +1,7 @@
 """The full reproduction: train every variant at an equal budget, evaluate, regenerate docs/RESULTS.md.
 
     python scripts/reproduce.py              # `make full`: the `full` preset, every variant (~2.5 h on 2 cores)
-    python scripts/reproduce.py --only clip cam   # the headline pair (~45 min)
+    python scripts/reproduce.py --only clip cam --jobs 2   # the headline pair, side by side (≤ 45 min)
     python scripts/reproduce.py --smoke --out /tmp/repro   # seconds, to check the script itself
 
 Each run trains with `configs/full.yaml` (plus the row's overrides) into `<out>/<row>/`, validating
@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -43,8 +46,15 @@ ROWS: dict[str, dict] = {  # row name -> overrides of the full preset; everythin
 }
 
 
-def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int) -> dict:
-    base = load_config("smoke" if smoke else "full", {"seed": seed})
+EVAL_PROMPTS = 64  # prompts scored per set (spread evenly over each file in data/prompts/)
+FID_SAMPLES = 256  # test-iid samples (and renders) behind FID/KID
+
+
+def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0) -> dict:
+    """Train (or reuse, or resume) one row and evaluate it; `threads`: torch CPU threads (0 = default)."""
+    if threads:
+        torch.set_num_threads(threads)
+    base = load_config("smoke" if smoke else "full", {"seed": seed, "cpu_threads": threads})
     config = base.replace(output_dir=str(out / name), validation_prompts="color",
                           validate_every=max(1, base.steps // 8), checkpoint_every=max(1, base.steps // 8),
                           resume_from="latest" if (out / name / "checkpoints").is_dir() else None, **overrides)
@@ -54,9 +64,9 @@ def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int) -> di
         pipeline_dir = train(config)
     pipe = LLM4GenPipeline.from_pretrained(pipeline_dir)
     evaluation_start = time.perf_counter()
-    result = report.evaluate_pipeline(pipe, max_prompts=4 if smoke else None, steps=config.sample_steps,
+    result = report.evaluate_pipeline(pipe, max_prompts=4 if smoke else EVAL_PROMPTS, steps=config.sample_steps,
                                       guidance_scale=config.guidance_scale, seed=seed,
-                                      fid_samples=8 if smoke else 512)
+                                      fid_samples=8 if smoke else FID_SAMPLES)
     result["cost"] = {"train_and_load_s": round(evaluation_start - start, 1),
                       "evaluate_s": round(time.perf_counter() - evaluation_start, 1),
                       **json.loads((out / name / "summary.json").read_text())}
@@ -93,17 +103,40 @@ def ship(out: Path, variant: str) -> Path:
     return target
 
 
-def write_results(results: dict[str, dict], out: Path, command: str, smoke: bool, path: Path) -> Path:
+def targets(results: dict[str, dict]) -> str:
+    """Markdown table: the results targets for `cam` against `clip`, met or not, from the numbers."""
+    if not {"clip", "cam"} <= results.keys():
+        return "(needs both the `clip` and the `cam` row)"
+    base, ours = report.headline(results["clip"]), report.headline(results["cam"])
+    lines = ["| target | clip | cam | cam − clip | met |", "|---|---|---|---|---|"]
+    for label, key, need in (("colour binding, compositional split (`test_comp`) ≥ +10", "test_comp", 10.0),
+                             ("object recall, dense prompts > 77 tokens ≥ +10", "dense_recall", 10.0)):
+        a, b = base.get(key), ours.get(key)
+        if a is None or b is None:
+            lines.append(f"| {label} | – | – | – | not measured |")
+        else:
+            lines.append(f"| {label} | {a:.1f} | {b:.1f} | {b - a:+.1f} | {'yes' if b - a >= need else '**no**'} |")
+    fa, fb = results["clip"].get("fid", {}), results["cam"].get("fid", {})
+    if "value" in fa and "value" in fb:
+        worse = fb["value"] > fa["value"] + max(fa.get("std") or 0.0, fb.get("std") or 0.0)
+        lines.append(f"| FID not worse (ShapesCLIP features, {fb['n_fake']} samples) | {fa['value']:.1f} | "
+                     f"{fb['value']:.1f} | {fb['value'] - fa['value']:+.1f} | {'**no**' if worse else 'yes'} |")
+    else:
+        lines.append("| FID not worse | – | – | – | not measured |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, dict], out: Path, command: str, smoke: bool, path: Path, jobs: int = 1) -> Path:
     figures = path.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     sample_efficiency(out, [n for n in ("clip", "cam") if n in results]).savefig(figures / "sample_efficiency.png", dpi=130)
     versions = {p: metadata.version(p) for p in ("torch", "diffusers", "transformers", "accelerate")}
-    cost = "\n".join(f"| {n} | {r['cost']['steps']} | {r['cost']['s_per_step']:.2f} | {r['cost']['train_and_load_s'] / 60:.1f} | "
+    cost = "\n".join(f"| {n} | {r['cost']['steps']} | {r['cost']['s_per_step']:.2f} | {r['cost']['wall_seconds'] / 60:.1f} | "
                      f"{r['cost']['evaluate_s'] / 60:.1f} |" for n, r in results.items())
     text = f"""# Results
 
 Generated by `{command}` on {time.strftime('%Y-%m-%d')} ({platform.processor() or platform.machine()},
-{torch.get_num_threads()} threads; {', '.join(f'{k} {v}' for k, v in versions.items())}).
+{os.cpu_count()} cores, {jobs} run(s) at a time; {', '.join(f'{k} {v}' for k, v in versions.items())}).
 {'**Smoke run: tiny settings, the numbers below are not meaningful.**' if smoke else ''}
 Seed {next(iter(results.values()))['config']['seed']}; configs: `configs/full.yaml` plus each row's overrides
 (`scripts/reproduce.py`, `ROWS`). Every row has the same UNet, data, steps and seed.
@@ -118,6 +151,13 @@ shape) combinations; `swap_pair_acc` — both prompts of an attribute-swap pair 
 ShapesCLIP features (test-iid samples vs ground-truth renders). The last row is the paper's
 LLM4GEN-SD1.5 − SD1.5 delta (T2I-CompBench v1, MS-COCO FID/CLIP score, DensePrompts CLIP score).
 
+## Targets
+
+{targets(results)}
+
+What was tried to make the lite UNet follow prompts on this budget, and what each attempt
+measured: [docs/TRAINING.md](TRAINING.md), "The recipe (measured)".
+
 ## Sample efficiency
 
 ![colour binding against training steps](figures/sample_efficiency.png)
@@ -129,7 +169,7 @@ LLM4GEN-SD1.5 − SD1.5 delta (T2I-CompBench v1, MS-COCO FID/CLIP score, DensePr
 {cost}
 """
     atomic_write_bytes(path, text.encode())
-    atomic_write_json(out / "results.json", results)
+    atomic_write_json(path.with_name("results.json"), results)  # beside the document, for notebook 08
     return path
 
 
@@ -139,22 +179,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS), help="rows to run (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings to check the script (numbers meaningless)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="rows trained side by side, each on cpu_count/jobs threads (2 on a 2-core CPU is fastest)")
     parser.add_argument("--ship", action="store_true", help="copy the clip and cam pipelines to data/checkpoints/")
     parser.add_argument("--results", default=str(REPO_ROOT / "docs" / "RESULTS.md"), help="results document to write")
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.only or list(ROWS)
     results = {}
-    for name in names:
-        print(f"=== {name}: {ROWS[name]}", flush=True)
-        results[name] = run_row(name, ROWS[name], out, args.smoke, args.seed)
-        print(json.dumps(report.headline(results[name])), flush=True)
+    if args.jobs > 1:  # rows side by side, each on its share of the cores (spawned: no forked torch state)
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {name: pool.submit(run_row, name, ROWS[name], out, args.smoke, args.seed, threads)
+                       for name in names}
+            for name, future in futures.items():
+                results[name] = future.result()
+                print(f"=== {name}: {ROWS[name]}\n{json.dumps(report.headline(results[name]))}", flush=True)
+    else:
+        for name in names:
+            print(f"=== {name}: {ROWS[name]}", flush=True)
+            results[name] = run_row(name, ROWS[name], out, args.smoke, args.seed)
+            print(json.dumps(report.headline(results[name])), flush=True)
     command = "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.ship:
         for variant in ("clip", "cam"):
             if variant in results:
                 print("shipped", ship(out, variant))
-    print("wrote", write_results(results, out, command.strip(), args.smoke, Path(args.results)))
+    print("wrote", write_results(results, out, command.strip(), args.smoke, Path(args.results), args.jobs))
     return 0
 
 

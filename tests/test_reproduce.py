@@ -15,6 +15,22 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
                            "--results", str(results)]) == 0
     text = results.read_text()
     assert "| clip |" in text and "| cam |" in text and "Δ cam − clip (ours)" in text
+    targets = text[text.index("## Targets"):text.index("## Sample efficiency")]
+    assert "dense prompts > 77 tokens" in targets and "FID not worse" in targets
+    assert (tmp_path / "results.json").is_file(), "the numbers beside the document, for notebook 08"
     assert (tmp_path / "figures" / "sample_efficiency.png").is_file()
     assert (tmp_path / "runs" / "cam" / "evaluation.json").is_file()
     sys.modules.pop("reproduce", None)
+
+
+def test_spread_rows_covers_the_file_and_keeps_swap_pairs_together():
+    from llm4gen_lite.report import spread_rows
+    from llm4gen_lite.shapes import load_prompt_set
+
+    colour = load_prompt_set("color")
+    picked = spread_rows(colour, 16)
+    assert len(picked) == 16 and picked[0] is colour[0] and picked[-1] is not colour[15], "spread, not the head"
+    pairs = spread_rows(load_prompt_set("attr_swap"), 16)
+    ids = [r["pair_id"] for r in pairs]
+    assert len(pairs) == 16 and all(ids.count(i) == 2 for i in ids)
+    assert spread_rows(colour, None) is colour and spread_rows(colour[:3], 16) == colour[:3]

@@ -21,7 +21,9 @@ def test_every_shipped_preset_loads(preset):
 def test_the_three_presets_exist_and_scale():
     smoke, quick, full = (load_config(name) for name in ("smoke", "quick", "full"))
     assert smoke.unet == "tiny" and smoke.steps <= 10
-    assert smoke.steps < quick.steps <= full.steps
+    assert smoke.steps < min(quick.steps, full.steps)
+    assert (quick.max_objects, quick.dense_prob) == (1, 0.0), "quick: one object, short captions"
+    assert full.max_objects > 1 and full.dense_prob > 0, "full: several objects, dense captions"
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):

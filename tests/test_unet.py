@@ -107,6 +107,6 @@ def test_space_to_depth_is_lossless_and_survives_a_pipeline_round_trip(tmp_path)
     a = pipe(["a red circle"], **kwargs).images
     kwargs["generator"] = torch.Generator().manual_seed(0)
     b = loaded(["a red circle"], **kwargs).images
-    assert a.shape == (1, 32, 32, 3) and (a == b).all()
+    assert a.shape == (1, 32, 32, 3) and abs(a - b).max() < 1e-5, abs(a - b).max()
     with pytest.raises(ValueError, match="not divisible"):
         build_for_training(load_config("smoke", {"space_to_depth": 3}))

@@ -5,9 +5,11 @@ half-written one. Only safetensors and JSON are ever read back; nothing is unpic
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +58,22 @@ def atomic_save_safetensors(
     return atomic_write_bytes(path, save(flat, metadata=metadata))
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupt file raises `ValueError` naming it."""
+@contextlib.contextmanager
+def _safetensors_file(path: str | os.PathLike) -> Iterator[Path]:
+    """The path of an existing safetensors file; reading errors inside re-raised naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such safetensors file")
     try:
-        return load_file(str(path))
+        yield path
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({err}); delete it and rebuild") from err
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file raises `ValueError` naming it."""
+    with _safetensors_file(path) as file:
+        return load_file(str(file))
 
 
 def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -72,14 +81,8 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
     A missing, truncated or corrupt file raises an error naming it, as `load_safetensors` does.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: corrupt or truncated safetensors file ({err}); delete it and rebuild") from err
+    with _safetensors_file(path) as file, safe_open(str(file), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -45,6 +45,8 @@ class TrainConfig:
     unet_overrides: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel args replacing the preset's
     resolution: int = 32  # image side in pixels (Shapes world renders at this size)
     space_to_depth: int = 1  # built presets: UNet on pixel-unshuffled images (3·f² channels at 1/f size); lossless
+    pixel_shift: float = 0.0  # built presets: the UNet denoises (pixels - shift) · scale; -1 puts a black background at 0
+    pixel_scale: float = 1.0  # built presets: see pixel_shift; ≈ 1 / the shifted pixels' std gives unit-variance data
     train_unet: Literal["all", "cross_attention"] = "all"  # "cross_attention": UNet frozen except its attn2 layers
     # --- training data --------------------------------------------------------------------------
     train_data: str = "shapes"  # "shapes" (the procedural world) or an imagefolder (metadata.jsonl: file_name, text)
@@ -120,6 +122,7 @@ class TrainConfig:
         for key in ("lr", "weight_decay", "grad_clip", "min_snr_gamma", "entity_weight", "guidance_scale", "logit_std"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0 (got {getattr(self, key)})")
         need(self.lr > 0, "lr must be > 0")
+        need(self.pixel_scale > 0, f"pixel_scale must be > 0 (got {self.pixel_scale})")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1) (got {self.ema_decay})")
         need(1 <= self.min_objects <= self.max_objects,
              f"need 1 <= min_objects <= max_objects (got {self.min_objects}, {self.max_objects})")

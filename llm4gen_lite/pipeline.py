@@ -304,10 +304,11 @@ class LLM4GenPipeline(DiffusionPipeline):
         return out[0], out[1]
 
     def _condition(
-        self, clip: TextFeatures | None, llm: TextFeatures | None, batch: int, drop_llm: bool = False
+        self, clip: TextFeatures | None, llm: TextFeatures | None, batch: int, device: torch.device,
+        drop_llm: bool = False,
     ) -> Conditioning:
         """Run the adapter on features, broadcasting a batch of one to `batch` rows."""
-        device, dtype = self._execution_device, self.adapter.dtype
+        dtype = self.adapter.dtype
 
         def prepare(f: TextFeatures | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             if f is None:
@@ -375,6 +376,7 @@ class LLM4GenPipeline(DiffusionPipeline):
         if negative_prompt is not None and (negative_clip_features is not None or negative_llm_features is not None):
             raise ValueError("pass either negative_prompt or negative_*_features, not both")
         plain_cfg = llm_guidance_scale is None
+        device = self._execution_device  # diffusers derives it from every component: look it up once
         branches = []
         if not (plain_cfg and guidance_scale == 1.0):  # s = 1 without LLM guidance needs no null branch
             negatives = None
@@ -387,16 +389,15 @@ class LLM4GenPipeline(DiffusionPipeline):
             neg_clip, neg_llm = self._features(
                 negatives, negative_clip_features, negative_llm_features, "negative_prompt"
             )
-            branches.append(self._condition(neg_clip, neg_llm, batch))
+            branches.append(self._condition(neg_clip, neg_llm, batch, device))
             if not plain_cfg:
-                branches.append(self._condition(clip, llm, batch, drop_llm=True))
-        branches.append(self._condition(clip, llm, batch))
+                branches.append(self._condition(clip, llm, batch, device, drop_llm=True))
+        branches.append(self._condition(clip, llm, batch, device))
         context = Conditioning.cat([b.repeat(num_images_per_prompt) for b in branches])
 
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         shape = (batch * num_images_per_prompt, cfg.in_channels, size, size)
-        device = self._execution_device
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:

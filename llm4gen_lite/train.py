@@ -92,7 +92,7 @@ def build_unet(config: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
     """The UNet and, for latent models, its frozen (auto)encoder, named by `config.unet`.
 
     `tiny` / `small` are built from `unet.PRESETS` with `config.unet_overrides` applied, on pixels
-    or, with `space_to_depth` f > 1, on `PixelShuffleAutoencoder` latents; `sd15` or a folder loads
+    or, with `space_to_depth` f > 1 or a pixel shift/scale, on `PixelShuffleAutoencoder` latents; `sd15` or a folder loads
     a Stable Diffusion 1.5-layout checkpoint and its VAE (`unet.load_sd15`).
     """
     if config.unet in PRESETS:
@@ -109,9 +109,14 @@ def build_unet(config: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
             unet = UNet2DConditionModel(**kwargs)
         except (TypeError, ValueError) as err:
             raise ValueError(f"unet_overrides {config.unet_overrides} do not build a UNet: {err}") from err
-        return unet, (PixelShuffleAutoencoder(f, info.in_channels) if f > 1 else None)
-    if config.unet_overrides or config.space_to_depth > 1:
-        raise ValueError("unet_overrides and space_to_depth apply to the built presets (tiny, small), not to a loaded UNet")
+        plain = f == 1 and config.pixel_shift == 0 and config.pixel_scale == 1
+        vae = None if plain else PixelShuffleAutoencoder(
+            f, info.in_channels, scaling_factor=config.pixel_scale, shift_factor=config.pixel_shift)
+        return unet, vae
+    if config.unet_overrides or config.space_to_depth > 1 or config.pixel_shift != 0 or config.pixel_scale != 1:
+        raise ValueError(
+            "unet_overrides, space_to_depth, pixel_shift and pixel_scale apply to the built presets (tiny, small), "
+            "not to a loaded UNet")
     parts = load_sd15(SD15_HUB_ID if config.unet == "sd15" else config.unet)
     parts.vae.requires_grad_(False).eval()
     return parts.unet, parts.vae

@@ -189,7 +189,8 @@ class PixelShuffleAutoencoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(
-        self, factor: int = 2, in_channels: int = 3, latent_channels: int | None = None, scaling_factor: float = 1.0
+        self, factor: int = 2, in_channels: int = 3, latent_channels: int | None = None, scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
     ) -> None:
         super().__init__()
         if latent_channels not in (None, in_channels * factor * factor):
@@ -205,18 +206,24 @@ class PixelShuffleAutoencoder(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=F.pixel_shuffle(latents, self.config.factor))
 
 
+def _shift(vae: AutoencoderKL | PixelShuffleAutoencoder) -> float:
+    """The latent shift (diffusers' `shift_factor`, SD3 convention; None or absent = 0)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 def to_model_space(
     images: torch.Tensor, vae: AutoencoderKL | None = None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Images `[batch, 3, H, W]` in [-1, 1] -> what the UNet denoises (pixels, or scaled VAE latents)."""
+    """Images `[batch, 3, H, W]` in [-1, 1] -> what the UNet denoises: pixels, or VAE latents as
+    `(latents - shift_factor) · scaling_factor`."""
     if vae is None:
         return images
     posterior = vae.encode(images.to(vae.dtype)).latent_dist
-    return posterior.sample(generator) * vae.config.scaling_factor
+    return (posterior.sample(generator) - _shift(vae)) * vae.config.scaling_factor
 
 
 def from_model_space(sample: torch.Tensor, vae: AutoencoderKL | None = None) -> torch.Tensor:
     """Denoised samples -> images `[batch, 3, H, W]` in [-1, 1] (clamped)."""
     if vae is not None:
-        sample = vae.decode(sample.to(vae.dtype) / vae.config.scaling_factor).sample
+        sample = vae.decode(sample.to(vae.dtype) / vae.config.scaling_factor + _shift(vae)).sample
     return sample.clamp(-1, 1)

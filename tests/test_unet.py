@@ -110,3 +110,22 @@ def test_space_to_depth_is_lossless_and_survives_a_pipeline_round_trip(tmp_path)
     assert a.shape == (1, 32, 32, 3) and abs(a - b).max() < 1e-5, abs(a - b).max()
     with pytest.raises(ValueError, match="not divisible"):
         build_for_training(load_config("smoke", {"space_to_depth": 3}))
+
+
+def test_pixel_shift_and_scale_give_the_unet_standardised_data_and_invert_exactly():
+    from llm4gen_lite.config import ConfigError, load_config
+    from llm4gen_lite.train import build_unet as build_for_training
+    from llm4gen_lite.unet import PixelShuffleAutoencoder
+
+    unet, vae = build_for_training(load_config("smoke", {"pixel_shift": -1.0, "pixel_scale": 3.0}))
+    assert isinstance(vae, PixelShuffleAutoencoder) and vae.config.factor == 1 and unet.config.in_channels == 3
+    x = torch.full((1, 3, 32, 32), -1.0)
+    x[..., 8:20, 8:20] = 1.0  # a white square on black
+    z = to_model_space(x, vae)
+    assert z[..., 0, 0].abs().max() == 0 and torch.allclose(z[..., 10, 10], torch.full((1, 3), 6.0))
+    assert torch.allclose(from_model_space(z, vae), x)
+    assert build_for_training(load_config("smoke"))[1] is None  # plain pixels keep no vae
+    with pytest.raises(ConfigError, match="pixel_scale"):
+        load_config("smoke", {"pixel_scale": 0.0})
+    with pytest.raises(ValueError, match="pixel_shift"):
+        build_for_training(load_config("smoke", {"unet": "sd15", "pixel_shift": -1.0}))

@@ -1,0 +1,50 @@
+"""The word-swap probe (scripts/probe_conditioning.py) measures how far each prompt word moves the denoiser."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from llm4gen_lite.adapter import build_adapter
+from llm4gen_lite.config import load_config
+from llm4gen_lite.paths import REPO_ROOT
+from llm4gen_lite.pipeline import LLM4GenPipeline
+from llm4gen_lite.train import build_unet
+
+
+@pytest.fixture
+def probe_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    import probe_conditioning
+
+    yield probe_conditioning
+    sys.modules.pop("probe_conditioning", None)
+
+
+def _pipeline(space_to_depth: int) -> LLM4GenPipeline:
+    from conftest import HashEncoder
+
+    torch.manual_seed(0)
+    unet, vae = build_unet(load_config("smoke", {"space_to_depth": space_to_depth}))
+    clip = HashEncoder(24, max_length=12, seed=1)
+    adapter = build_adapter("clip", 24, 0, unet.config.cross_attention_dim)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    return LLM4GenPipeline(unet=unet, scheduler=scheduler, adapter=adapter, vae=vae, clip_encoder=clip)
+
+
+@pytest.mark.parametrize("space_to_depth", [1, 2])
+def test_probe_sees_words_the_unet_reads_and_not_those_it_cannot(probe_module, space_to_depth):
+    pipe = _pipeline(space_to_depth)
+    rows = probe_module.probe(pipe, n_images=4)
+    assert [r["t"] for r in rows] == list(probe_module.TIMESTEPS)
+    assert all(r["shape Δ"] > 0 and r["colour Δ"] > 0 and r["err"] > 0 for r in rows), rows
+
+    with torch.no_grad():  # cut every cross-attention output: the text can no longer reach the image
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+    deaf = probe_module.probe(pipe, n_images=4)
+    assert all(r["shape Δ"] == 0 and r["colour Δ"] == 0 and r["shape gain"] == 0 for r in deaf), deaf

@@ -181,7 +181,8 @@ class PixelShuffleAutoencoder(ModelMixin, ConfigMixin):
 
     `encode`: images `[batch, 3, H, W]` -> `[batch, 3·f², H/f, W/f]` (`pixel_unshuffle`); `decode`
     inverts it exactly (`pixel_shuffle`). It fills the pipeline's `vae` slot with AutoencoderKL's
-    interface (`encode(x).latent_dist.sample()`, `decode(z).sample`, scaling factor 1), so the
+    interface (`encode(x).latent_dist.sample()`, `decode(z).sample`, `scaling_factor` and
+    `shift_factor`, 1 and 0 unless `pixel_scale` / `pixel_shift` are set), so the
     sampler, `unet.to_model_space` and saving/loading need nothing new. With f = 2 the `small`
     UNet's top level runs at 16×16 instead of 32×32: a training step (batch 32, 2 CPU threads)
     measured 3.8× cheaper (docs/TRAINING.md).

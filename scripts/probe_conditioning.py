@@ -38,17 +38,16 @@ def caption(obj, shape: str | None = None, colour: str | None = None) -> str:
 
 
 @torch.no_grad()
-def predict_x0(pipe: LLM4GenPipeline, xt: torch.Tensor, t: int, prompts: list[str]) -> torch.Tensor:
+def conditioning(pipe: LLM4GenPipeline, prompts: list[str]):
+    """The pipeline's own prompt conditioning (its encoders, then its adapter), encoded once."""
+    clip, llm = pipe._features(prompts, None, None, "prompt")
+    return pipe._condition(clip, llm, len(prompts), pipe.device)
+
+
+@torch.no_grad()
+def predict_x0(pipe: LLM4GenPipeline, xt: torch.Tensor, t: int, cond) -> torch.Tensor:
     """Clean images `[batch, 3, H, W]` in [-1, 1] that the pipeline's UNet predicts from `xt`."""
-    feats = {}
-    for role, encoder, used in (("clip", pipe.clip_encoder, pipe.adapter.uses_clip),
-                                ("llm", pipe.llm_encoder, pipe.adapter.uses_llm)):
-        f = encoder.encode(prompts) if used else None
-        feats[f"{role}_states"] = None if f is None else f.features
-        feats[f"{role}_mask"] = None if f is None else f.mask
-    cond = pipe.adapter(feats["clip_states"], feats["clip_mask"], feats["llm_states"], feats["llm_mask"],
-                        drop_llm=torch.zeros(len(prompts), dtype=torch.bool))
-    steps = torch.full((len(prompts),), t)
+    steps = torch.full((xt.shape[0],), t)
     pred = pipe.unet(xt, steps, **cond.unet_kwargs()).sample
     a = pipe.scheduler.alphas_cumprod[t]
     if pipe.scheduler.config.prediction_type == "v_prediction":
@@ -68,22 +67,28 @@ def probe(pipe: LLM4GenPipeline, n_images: int, seed: int = 0) -> list[dict[str,
     objects = [it["scene"].objects[0] for it in items]
     x0 = to_model_space(images, pipe.vae)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    true_cond = conditioning(pipe, [caption(o) for o in objects])
+    swaps = {}  # kind -> three conditionings: each other shape / three other colours
+    for kind, names in (("shape", SHAPES), ("colour", COLOR_NAMES)):
+        swaps[kind] = []
+        for k in range(1, 4):
+            swapped = []
+            for i, o in enumerate(objects):
+                own = names.index(o.shape if kind == "shape" else o.color)
+                other = names[(own + k + (i % (len(names) - 3)) * (kind == "colour")) % len(names)]
+                swapped.append(caption(o, **({"shape": other} if kind == "shape" else {"colour": other})))
+            swaps[kind].append(conditioning(pipe, swapped))
     rows = []
     for t in TIMESTEPS:
         a = pipe.scheduler.alphas_cumprod[t]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        true = predict_x0(pipe, xt, t, [caption(o) for o in objects])
+        true = predict_x0(pipe, xt, t, true_cond)
         err = ((true - images) ** 2).mean(dim=(1, 2, 3))
         row = {"t": t, "err": float(err.mean())}
-        for kind, names in (("shape", SHAPES), ("colour", COLOR_NAMES)):
+        for kind, conds in swaps.items():
             deltas, gains = [], []
-            for k in range(1, 4):  # three swaps per image: each other shape / three other colours
-                swapped = []
-                for i, o in enumerate(objects):
-                    own = names.index(o.shape if kind == "shape" else o.color)
-                    other = names[(own + k + (i % (len(names) - 3)) * (kind == "colour")) % len(names)]
-                    swapped.append(caption(o, **({"shape": other} if kind == "shape" else {"colour": other})))
-                moved = predict_x0(pipe, xt, t, swapped)
+            for cond in conds:
+                moved = predict_x0(pipe, xt, t, cond)
                 deltas.append((moved - true).abs().mean())
                 gains.append((((moved - images) ** 2).mean(dim=(1, 2, 3)) - err).mean())
             row[f"{kind} Δ"] = float(torch.stack(deltas).mean())

@@ -1,7 +1,8 @@
 """Cross-attention capture: per-token attention maps from a UNet's cross-attention layers.
 
 Nothing changes in the UNet until capture is asked for. `capture_cross_attention(unet)` swaps a
-recording processor into the chosen cross-attention layers (`attn2`) and restores the original
+recording processor into the chosen cross-attention layers (every `attn2`, and `attn1` too in a
+UNet built with `only_cross_attention`) and restores the original
 processors on exit:
 
     with capture_cross_attention(unet, mode="mean") as store:
@@ -173,8 +174,9 @@ class CaptureCrossAttnProcessor:
 
 
 def cross_attention_layers(unet: nn.Module) -> list[str]:
-    """Names of the UNet's cross-attention layers (`...attn2`), in module order."""
-    return [name for name, module in unet.named_modules() if isinstance(module, Attention) and name.endswith("attn2")]
+    """Names of the UNet's cross-attention layers (`...attn2`; with `only_cross_attention` also
+    `...attn1`, which then reads the text too), in module order."""
+    return [name for name, module in unet.named_modules() if isinstance(module, Attention) and module.is_cross_attention]
 
 
 @contextmanager
@@ -188,7 +190,7 @@ def capture_cross_attention(
     """
     available = cross_attention_layers(unet)
     if not available:
-        raise ValueError("this UNet has no cross-attention layers (attn2) to capture")
+        raise ValueError("this UNet has no cross-attention layers to capture")
     chosen = available if layers is None else [n for n in available if any(n.startswith(p) for p in layers)]
     if not chosen:
         raise ValueError(f"no cross-attention layer matches {list(layers or [])}; available: {available}")

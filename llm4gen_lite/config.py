@@ -47,7 +47,7 @@ class TrainConfig:
     space_to_depth: int = 1  # built presets: UNet on pixel-unshuffled images (3·f² channels at 1/f size); lossless
     pixel_shift: float = 0.0  # built presets: the UNet denoises (pixels - shift) · scale; -1 puts a black background at 0
     pixel_scale: float = 1.0  # built presets: see pixel_shift; ≈ 1 / the shifted pixels' std gives unit-variance data
-    train_unet: Literal["all", "cross_attention"] = "all"  # "cross_attention": UNet frozen except its attn2 layers
+    train_unet: Literal["all", "cross_attention"] = "all"  # "cross_attention": UNet frozen except its cross-attention layers
     # --- training data --------------------------------------------------------------------------
     train_data: str = "shapes"  # "shapes" (the procedural world) or an imagefolder (metadata.jsonl: file_name, text)
     dataset_size: int = 4096  # distinct training items (index -> item is deterministic); cycled in epochs

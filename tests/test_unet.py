@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from llm4gen_lite.adapter import build_adapter
 from llm4gen_lite.unet import (
@@ -129,3 +129,28 @@ def test_pixel_shift_and_scale_give_the_unet_standardised_data_and_invert_exactl
         load_config("smoke", {"pixel_scale": 0.0})
     with pytest.raises(ValueError, match="pixel_shift"):
         build_for_training(load_config("smoke", {"unet": "sd15", "pixel_shift": -1.0}))
+
+
+def test_only_cross_attention_unet_reads_the_text_in_both_attention_layers():
+    """With `only_cross_attention` (the `quick` recipe) attn1 reads the text too: it is listed,
+    captured and trained as cross-attention like attn2."""
+    from llm4gen_lite.attention import capture_cross_attention, cross_attention_layers
+    from llm4gen_lite.train import Denoiser, select_trainable
+
+    plain = build_unet("tiny")
+    assert all(name.endswith("attn2") for name in cross_attention_layers(plain))
+    unet = UNet2DConditionModel(**{**dict(build_unet("tiny").config), "only_cross_attention": True})
+    layers = cross_attention_layers(unet)
+    assert set(cross_attention_layers(plain)) < set(layers)  # every attn2, plus the blocks' attn1
+    assert {n.split(".")[0] for n in layers if n.endswith("attn1")} == {"down_blocks", "up_blocks"}
+    context = torch.randn(2, 5, 32)
+    with torch.no_grad(), capture_cross_attention(unet, mode="mean") as store:
+        unet(torch.randn(2, 3, 32, 32), torch.tensor([1, 999]), encoder_hidden_states=context)
+    assert sorted(store.layers) == sorted(layers)
+    maps = store.get(layers[0])
+    assert maps.shape[:2] == (2, 5) and torch.allclose(maps.sum(1), torch.ones(()), atol=1e-5)
+    model = Denoiser(unet, build_adapter("clip", clip_dim=8, llm_dim=0, cross_attention_dim=32))
+    trained = {id(p) for p in select_trainable(model, "cross_attention")}
+    modules = dict(unet.named_modules())
+    assert all(id(p) in trained for name in layers for p in modules[name].parameters())
+    assert not any(id(p) in trained for p in unet.conv_in.parameters())

@@ -44,6 +44,28 @@ def diffusion_target(
     raise ValueError(f"unknown prediction_type {prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'")
 
 
+def predicted_x0(
+    pred: torch.Tensor, xt: torch.Tensor, alphas_cumprod_t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The clean sample a UNet output implies: the inverse of `diffusion_target`.
+
+    Args:
+        pred, xt: `[batch, channels, h, w]` UNet output and the noisy input it was given.
+        alphas_cumprod_t: `[batch]` ᾱ_t of each sample's timestep.
+        prediction_type: as in `diffusion_target`.
+    Returns:
+        x̂0 `[batch, channels, h, w]`.
+    """
+    if prediction_type == "sample":
+        return pred
+    a = alphas_cumprod_t.to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
+    if prediction_type == "epsilon":
+        return (xt - (1 - a).sqrt() * pred) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * xt - (1 - a).sqrt() * pred
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use 'epsilon', 'v_prediction' or 'sample'")
+
+
 def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-γ weights `[batch]` (Hang et al. 2023) for the ε, v or x0 loss.
 

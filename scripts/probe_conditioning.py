@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from llm4gen_lite.losses import predicted_x0  # noqa: E402
 from llm4gen_lite.pipeline import LLM4GenPipeline  # noqa: E402
 from llm4gen_lite.shapes import COLOR_NAMES, SHAPES, ShapesDataset  # noqa: E402
 from llm4gen_lite.unet import from_model_space, to_model_space  # noqa: E402
@@ -49,11 +50,7 @@ def predict_x0(pipe: LLM4GenPipeline, xt: torch.Tensor, t: int, cond) -> torch.T
     """Clean images `[batch, 3, H, W]` in [-1, 1] that the pipeline's UNet predicts from `xt`."""
     steps = torch.full((xt.shape[0],), t)
     pred = pipe.unet(xt, steps, **cond.unet_kwargs()).sample
-    a = pipe.scheduler.alphas_cumprod[t]
-    if pipe.scheduler.config.prediction_type == "v_prediction":
-        x0 = a.sqrt() * xt - (1 - a).sqrt() * pred
-    else:
-        x0 = (xt - (1 - a).sqrt() * pred) / a.sqrt()
+    x0 = predicted_x0(pred, xt, pipe.scheduler.alphas_cumprod[steps], pipe.scheduler.config.prediction_type)
     return from_model_space(x0, pipe.vae)
 
 
@@ -80,8 +77,7 @@ def probe(pipe: LLM4GenPipeline, n_images: int, seed: int = 0) -> list[dict[str,
             swaps[kind].append(conditioning(pipe, swapped))
     rows = []
     for t in TIMESTEPS:
-        a = pipe.scheduler.alphas_cumprod[t]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = pipe.scheduler.add_noise(x0, noise, torch.full((n_images,), t))
         true = predict_x0(pipe, xt, t, true_cond)
         err = ((true - images) ** 2).mean(dim=(1, 2, 3))
         row = {"t": t, "err": float(err.mean())}

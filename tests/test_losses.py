@@ -9,7 +9,7 @@ from llm4gen_lite.adapter import build_adapter
 from llm4gen_lite.attention import capture_cross_attention
 from llm4gen_lite.losses import (
     caption_pairs, diffusion_loss, diffusion_target, entity_loss, map_distance, merge_token_pairs,
-    min_snr_weights, token_pairs,
+    min_snr_weights, predicted_x0, token_pairs,
 )
 from llm4gen_lite.shapes import ShapeObject, Scene, short_caption
 
@@ -115,3 +115,13 @@ def test_entity_loss_without_pairs_is_a_zero_with_a_graph():
     empty = token_pairs([[], []], [[(0, 0)] * 5] * 2, total_tokens=5)
     loss = entity_loss(maps, empty)
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_predicted_x0_inverts_the_diffusion_target(prediction_type):
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    a = torch.tensor([0.9, 0.5, 0.05])
+    xt = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+    target = diffusion_target(x0, noise, a, prediction_type)
+    assert torch.allclose(predicted_x0(target, xt, a, prediction_type), x0, atol=1e-5)

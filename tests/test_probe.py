@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from llm4gen_lite.adapter import build_adapter
+from llm4gen_lite.attention import cross_attention_layers
 from llm4gen_lite.config import load_config
 from llm4gen_lite.paths import REPO_ROOT
 from llm4gen_lite.pipeline import LLM4GenPipeline
@@ -42,9 +43,9 @@ def test_probe_sees_words_the_unet_reads_and_not_those_it_cannot(probe_module, s
     assert all(r["shape Δ"] > 0 and r["colour Δ"] > 0 and r["err"] > 0 for r in rows), rows
 
     with torch.no_grad():  # cut every cross-attention output: the text can no longer reach the image
-        for name, module in pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                module.to_out[0].weight.zero_()
-                module.to_out[0].bias.zero_()
+        modules = dict(pipe.unet.named_modules())
+        for name in cross_attention_layers(pipe.unet):
+            modules[name].to_out[0].weight.zero_()
+            modules[name].to_out[0].bias.zero_()
     deaf = probe_module.probe(pipe, n_images=4)
     assert all(r["shape Δ"] == 0 and r["colour Δ"] == 0 and r["shape gain"] == 0 for r in deaf), deaf

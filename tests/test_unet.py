@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
 
 from llm4gen_lite.adapter import build_adapter
 from llm4gen_lite.unet import (
@@ -135,11 +135,12 @@ def test_only_cross_attention_unet_reads_the_text_in_both_attention_layers():
     """With `only_cross_attention` (the `quick` recipe) attn1 reads the text too: it is listed,
     captured and trained as cross-attention like attn2."""
     from llm4gen_lite.attention import capture_cross_attention, cross_attention_layers
-    from llm4gen_lite.train import Denoiser, select_trainable
+    from llm4gen_lite.config import load_config
+    from llm4gen_lite.train import Denoiser, build_unet as build_for_training, select_trainable
 
     plain = build_unet("tiny")
     assert all(name.endswith("attn2") for name in cross_attention_layers(plain))
-    unet = UNet2DConditionModel(**{**dict(build_unet("tiny").config), "only_cross_attention": True})
+    unet, _ = build_for_training(load_config("smoke").replace(unet_overrides={"only_cross_attention": True}))
     layers = cross_attention_layers(unet)
     assert set(cross_attention_layers(plain)) < set(layers)  # every attn2, plus the blocks' attn1
     assert {n.split(".")[0] for n in layers if n.endswith("attn1")} == {"down_blocks", "up_blocks"}

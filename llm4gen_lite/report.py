@@ -71,7 +71,7 @@ def evaluate_pipeline(pipe, sets: Sequence[str] = DEFAULT_SETS, max_prompts: int
     fewer records why FID was not computed; 0 skips it)."""
     result: dict[str, Any] = {"settings": {"steps": steps, "guidance_scale": guidance_scale,
                                            "llm_guidance_scale": llm_guidance_scale, "seed": seed,
-                                           "max_prompts": max_prompts}, "sets": {}}
+                                           "max_prompts": max_prompts, "fid_samples": fid_samples}, "sets": {}}
     for name in sets:
         rows = spread_rows(shapes.load_prompt_set(name), max_prompts)
         images = sample_images(pipe, [r["prompt"] for r in rows], steps, guidance_scale, seed, llm_guidance_scale)

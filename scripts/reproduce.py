@@ -6,8 +6,8 @@
 
 Each run trains with `configs/full.yaml` (plus the row's overrides) into `<out>/<row>/`, validating
 colour binding every `steps/8` steps (the sample-efficiency curve), then `report.evaluate_pipeline`
-scores it on test-iid/test-compositional/attribute-swap/dense prompts. Finished runs are reused and
-interrupted ones resume, so the command can simply be rerun. The `clip` and `cam` pipelines are
+scores it on test-iid/test-compositional/attribute-swap/dense prompts. Finished runs and their
+evaluations are reused and interrupted runs resume, so the command can simply be rerun. The `clip` and `cam` pipelines are
 copied as fp16 safetensors to `data/checkpoints/<variant>/` (with `--ship`), and the results
 document is written atomically.
 """
@@ -58,21 +58,35 @@ def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threa
     config = base.replace(output_dir=str(out / name), validation_prompts="color",
                           validate_every=max(1, base.steps // 8), checkpoint_every=max(1, base.steps // 8),
                           resume_from="latest" if (out / name / "checkpoints").is_dir() else None, **overrides)
+    settings = {"max_prompts": 4 if smoke else EVAL_PROMPTS, "steps": config.sample_steps,
+                "guidance_scale": config.guidance_scale, "llm_guidance_scale": None, "seed": seed,
+                "fid_samples": 8 if smoke else FID_SAMPLES}
     start = time.perf_counter()
     pipeline_dir = out / name / "pipeline"
     if not (pipeline_dir / "model_index.json").is_file():
         pipeline_dir = train(config)
+    previous = _finished_evaluation(out / name, config, settings)
+    if previous is not None:
+        return previous
     pipe = LLM4GenPipeline.from_pretrained(pipeline_dir)
     evaluation_start = time.perf_counter()
-    result = report.evaluate_pipeline(pipe, max_prompts=4 if smoke else EVAL_PROMPTS, steps=config.sample_steps,
-                                      guidance_scale=config.guidance_scale, seed=seed,
-                                      fid_samples=8 if smoke else FID_SAMPLES)
+    result = report.evaluate_pipeline(pipe, **settings)
     result["cost"] = {"train_and_load_s": round(evaluation_start - start, 1),
                       "evaluate_s": round(time.perf_counter() - evaluation_start, 1),
                       **json.loads((out / name / "summary.json").read_text())}
     result["config"] = config.to_dict()
     atomic_write_json(out / name / "evaluation.json", result)
     return result
+
+
+def _finished_evaluation(run: Path, config, settings: dict) -> dict | None:
+    """The run's evaluation.json if it scored this run's pipeline (same config) with these settings."""
+    path = run / "evaluation.json"
+    if not path.is_file() or path.stat().st_mtime < (run / "pipeline" / "model_index.json").stat().st_mtime:
+        return None
+    previous = json.loads(path.read_text())
+    same_run = {**previous.get("config", {}), "resume_from": None} == {**config.to_dict(), "resume_from": None}
+    return previous if same_run and previous.get("settings") == settings else None
 
 
 def sample_efficiency(out: Path, names: list[str]):
@@ -131,6 +145,10 @@ def write_results(results: dict[str, dict], out: Path, command: str, smoke: bool
     figures.mkdir(parents=True, exist_ok=True)
     sample_efficiency(out, [n for n in ("clip", "cam") if n in results]).savefig(figures / "sample_efficiency.png", dpi=130)
     versions = {p: metadata.version(p) for p in ("torch", "diffusers", "transformers", "accelerate")}
+    minutes = {n: (r["cost"]["wall_seconds"] + r["cost"]["evaluate_s"]) / 60 for n, r in results.items()}
+    pair = [minutes[n] for n in ("clip", "cam") if n in minutes]
+    pair_line = (f"The `clip` and `cam` rows took {(max(pair) if jobs > 1 else sum(pair)):.0f} min together "
+                 f"({'side by side' if jobs > 1 else 'one after the other'}, training + evaluation)." if len(pair) == 2 else "")
     cost = "\n".join(f"| {n} | {r['cost']['steps']} | {r['cost']['s_per_step']:.2f} | {r['cost']['wall_seconds'] / 60:.1f} | "
                      f"{r['cost']['evaluate_s'] / 60:.1f} |" for n, r in results.items())
     text = f"""# Results
@@ -167,6 +185,8 @@ measured: [docs/TRAINING.md](TRAINING.md), "The recipe (measured)".
 | run | steps | s/step | train (min) | evaluate (min) |
 |---|---|---|---|---|
 {cost}
+
+{pair_line}
 """
     atomic_write_bytes(path, text.encode())
     atomic_write_json(path.with_name("results.json"), results)  # beside the document, for notebook 08

@@ -20,6 +20,15 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "results.json").is_file(), "the numbers beside the document, for notebook 08"
     assert (tmp_path / "figures" / "sample_efficiency.png").is_file()
     assert (tmp_path / "runs" / "cam" / "evaluation.json").is_file()
+
+    def no_second_evaluation(*args, **kwargs):
+        raise AssertionError("a finished run with a finished evaluation was scored again")
+
+    monkeypatch.setattr(reproduce.report, "evaluate_pipeline", no_second_evaluation)
+    before = (tmp_path / "results.json").read_text()
+    assert reproduce.main(["--smoke", "--only", "clip", "cam", "--out", str(tmp_path / "runs"),
+                           "--results", str(results)]) == 0
+    assert (tmp_path / "results.json").read_text() == before, "the rerun reports the same numbers"
     sys.modules.pop("reproduce", None)
 
 

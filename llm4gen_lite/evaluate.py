@@ -40,7 +40,7 @@ from .shapes.world import (
 __all__ = [
     "ParsedObject", "parse_image", "parse_batch", "Requirements", "Group", "requirements",
     "score_prompt", "score_rows", "score_batch", "object_recall", "object_precision",
-    "dense_metrics", "attribute_accuracy", "swap_accuracy", "compbench_report",
+    "dense_metrics", "recall_by_window", "attribute_accuracy", "swap_accuracy", "compbench_report",
     "shuffled_baseline", "SHAPE_RULES", "FILL_THRESHOLD", "ATTRIBUTE_KEYS",
 ]
 
@@ -623,6 +623,39 @@ def object_precision(image: Any, row: Any) -> float:
         return 1.0
     _, _, _, n_used = _match(req, parsed, with_relations=False)
     return n_used / len(parsed)
+
+
+def recall_by_window(images: Any, rows: Sequence[dict], window_ends: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Object recall split by whether a text encoder with a limited window read each object's whole
+    description: `inside` when every attribute mention of the object (colour, shape, size, fill)
+    starts before `window_ends[i]` (the last character the encoder's tokens cover, e.g. CLIP's
+    77 tokens), `beyond` when at least one of them lies past it.
+
+    For each part: `n` objects, `recall` (found with every mentioned attribute, as `object_recall`)
+    and `colour_shape_recall` (found with the right colour and shape, size and fill ignored).
+    Objects of exact-count phrases are left out."""
+    if not (len(images) == len(rows) == len(window_ends)):
+        raise ValueError(f"{len(images)} images, {len(rows)} rows and {len(window_ends)} window ends must match")
+    found: dict[str, dict[str, list[bool]]] = {part: {"recall": [], "colour_shape_recall": []}
+                                               for part in ("inside", "beyond")}
+    for parsed, row, end in zip(_parse_all(images), rows, window_ends):
+        req = requirements(row)
+        last = {}
+        for span in row["spans"]:
+            if span["kind"] in ATTRIBUTE_KEYS:
+                last[span["obj"]] = max(last.get(span["obj"], span["start"]), span["start"])
+        loose = Requirements(tuple(Group(tuple((k, v) for k, v in g.attrs if k in ("color", "shape")), g.count,
+                                         g.exact, g.objects) for g in req.groups), ())
+        strict_ok, _, _, _ = _match(req, parsed, with_relations=False)
+        loose_ok, _, _, _ = _match(loose, parsed, with_relations=False)
+        for g, ok, ok_loose in zip(req.groups, strict_ok, loose_ok):
+            if g.exact or g.objects[0] not in last:
+                continue
+            part = found["inside" if last[g.objects[0]] < end else "beyond"]
+            part["recall"].append(ok)
+            part["colour_shape_recall"].append(ok_loose)
+    return {part: {"n": len(v["recall"]), **{k: float(np.mean(x)) if x else float("nan") for k, x in v.items()}}
+            for part, v in found.items()}
 
 
 def dense_metrics(images: Any, rows: Sequence[Any]) -> dict[str, float]:

@@ -235,6 +235,33 @@ def test_dense_recall_and_precision(sets):
         assert p == pytest.approx(len(scene) / (len(scene) + 1))
 
 
+def test_recall_by_window_splits_objects_by_whether_their_description_fits(sets):
+    rows = sets["dense_long"][:12]
+    last = []  # per row: the object whose last attribute mention comes last, and where it starts
+    for row in rows:
+        ends = {}
+        for span in row["spans"]:
+            if span["kind"] in E.ATTRIBUTE_KEYS:
+                ends[span["obj"]] = max(ends.get(span["obj"], span["start"]), span["start"])
+        obj = max(ends, key=ends.get)
+        last.append((obj, ends[obj]))
+    window = [start for _, start in last]  # the window stops just before that mention
+    full = E.recall_by_window(_renders(rows), rows, window)
+    assert full["beyond"]["n"] >= len(rows) and full["inside"]["n"] + full["beyond"]["n"] > len(rows)
+    assert full["inside"]["recall"] == full["beyond"]["recall"] == 1.0
+    scenes = [S.row_scene(r) for r in rows]
+    every_beyond = E.recall_by_window(_renders(rows), rows, [0] * len(rows))
+    assert every_beyond["inside"]["n"] == 0 and every_beyond["beyond"]["n"] == full["inside"]["n"] + full["beyond"]["n"]
+    recoloured = S.render_batch([sc.replace_object(obj, color="red" if sc[obj].color != "red" else "blue")
+                                 for sc, (obj, _) in zip(scenes, last)], 32)
+    split = E.recall_by_window(recoloured, rows, window)
+    assert split["beyond"]["recall"] < 1.0 and split["beyond"]["colour_shape_recall"] < 1.0
+    everything_inside = E.recall_by_window(recoloured, rows, [len(r["prompt"]) for r in rows])
+    assert everything_inside["beyond"]["n"] == 0 and everything_inside["inside"]["recall"] < 1.0
+    with pytest.raises(ValueError, match="window ends"):
+        E.recall_by_window(recoloured, rows, window[:-1])
+
+
 def test_compbench_report_collects_everything(sets):
     rows = sets["attr_swap"][:20] + sets["single"][:10] + sets["dense_long"][:10]
     report = E.compbench_report(_renders(rows), rows)

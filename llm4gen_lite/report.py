@@ -1,18 +1,21 @@
 """Evaluate trained pipelines the way the paper reports, and put the paper's numbers beside ours.
 
 `evaluate_pipeline` samples every prompt of the chosen prompt sets with one seed and scores the
-images with the exact CompBench-lite parser (per category, 0–100), dense-prompt object recall,
-the ShapesCLIP score, and FID/KID of test-iid samples against ground-truth renders (refused,
-with the reason recorded, when there are too few samples to mean anything).
+images with the exact CompBench-lite parser (per category, 0–100), dense-prompt object recall
+(also split into objects inside and beyond the CLIP-role encoder's token window), the ShapesCLIP
+score, and FID/KID of test-iid samples against ground-truth renders (refused, with the reason
+recorded, when there are too few samples to mean anything).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from . import evaluate, shapes
+from .encoders import PromptTruncatedWarning
 from .image_metrics import MIN_FID_SAMPLES, MIN_KID_SAMPLES, clip_score_mean, fid, kid
 
 # LLM4GEN-SD1.5 minus SD1.5 on T2I-CompBench (v1 table, points) and MS-COCO FID / CLIP score (v1);
@@ -77,6 +80,8 @@ def evaluate_pipeline(pipe, sets: Sequence[str] = DEFAULT_SETS, max_prompts: int
         images = sample_images(pipe, [r["prompt"] for r in rows], steps, guidance_scale, seed, llm_guidance_scale)
         report = evaluate.compbench_report(images, rows)
         report["shapesclip_score"] = clip_score_mean(_chw(images), [r["prompt"] for r in rows]).mean
+        if name == "dense_long" and getattr(pipe, "clip_encoder", None) is not None:
+            report["by_clip_window"] = evaluate.recall_by_window(images, rows, clip_window_ends(pipe, rows))
         result["sets"][name] = report
     if fid_samples <= 0:
         result["fid"] = result["kid"] = {"refused": "not requested (fid_samples=0)"}
@@ -96,6 +101,15 @@ def evaluate_pipeline(pipe, sets: Sequence[str] = DEFAULT_SETS, max_prompts: int
     return result
 
 
+def clip_window_ends(pipe, rows: Sequence[dict]) -> list[int]:
+    """Per prompt, the last character the pipeline's CLIP-role encoder reads (its tokens' offsets:
+    the end of the prompt unless it was truncated, e.g. at CLIP's 77 tokens)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        offsets = pipe.clip_encoder.encode([r["prompt"] for r in rows]).offsets
+    return [max((b for a, b in row if a < b), default=0) for row in offsets]
+
+
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
     """The numbers the results tables compare: CompBench-lite categories, compositional colour
     binding, dense-prompt object recall, ShapesCLIP scores, FID."""
@@ -112,6 +126,22 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
         row["clip_score"] = sets["test_comp"]["shapesclip_score"]
     row["fid"] = result["fid"].get("value")
     return row
+
+
+def window_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: dense-prompt object recall of each variant for the objects whose description fits
+    in CLIP's token window and those it cuts (`evaluate.recall_by_window`); variants without the
+    split are left out."""
+    lines = ["| variant | objects inside / beyond | recall inside | recall beyond | colour+shape inside | colour+shape beyond |",
+             "|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        split = result["sets"].get("dense_long", {}).get("by_clip_window")
+        if split:
+            inside, beyond = split["inside"], split["beyond"]
+            lines.append(f"| {name} | {inside['n']} / {beyond['n']} | {100 * inside['recall']:.1f} | "
+                         f"{100 * beyond['recall']:.1f} | {100 * inside['colour_shape_recall']:.1f} | "
+                         f"{100 * beyond['colour_shape_recall']:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else "(no run recorded the split)"
 
 
 def comparison_table(results: dict[str, dict[str, Any]], baseline: str = "clip") -> str:

@@ -452,6 +452,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig) -> None:
+        self.created = time.perf_counter()  # setup (models, feature cache) is timed from here to the first step
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         self.config = config
@@ -625,6 +626,7 @@ class Trainer:
         progress = tqdm(total=config.steps, initial=start, disable=not self.is_main, desc="training", dynamic_ncols=True)
         window: list[float] = []
         t_start, train_seconds = time.perf_counter(), 0.0  # wall time; time in training steps only
+        self.setup_seconds = t_start - self.created
         for step in range(start, config.steps):
             t_step = time.perf_counter()
             logged = {"loss": 0.0, "diffusion_loss": 0.0, "entity_loss": 0.0}
@@ -682,6 +684,7 @@ class Trainer:
             steps_run = max(1, config.steps - start)
             summary = {
                 "steps": config.steps, "steps_this_session": config.steps - start, "wall_seconds": seconds,
+                "setup_seconds": self.setup_seconds,
                 "train_seconds": train_seconds, "s_per_step": train_seconds / steps_run, "world_size": self.world,
                 "validation": report,
             }

@@ -17,6 +17,7 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
     assert "| clip |" in text and "| cam |" in text and "Δ cam − clip (ours)" in text
     targets = text[text.index("## Targets"):text.index("## Sample efficiency")]
     assert "dense prompts > 77 tokens" in targets and "FID not worse" in targets
+    assert "| cam | " in text[text.index("inside and beyond CLIP's 77 tokens"):text.index("## Targets")]
     assert (tmp_path / "results.json").is_file(), "the numbers beside the document, for notebook 08"
     assert (tmp_path / "figures" / "sample_efficiency.png").is_file()
     assert (tmp_path / "runs" / "cam" / "evaluation.json").is_file()

@@ -98,6 +98,8 @@ def test_smoke_run_end_to_end_with_entity_loss(tiny_clip_text_dir, tiny_llama_di
     assert any(r["kind"] == "validation" and "score/single" in r for r in records)
     assert (run / "loss_curve.png").is_file() and list((run / "samples").glob("*.png"))
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_0000002", "step_0000004"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["setup_seconds"] > 0 and summary["wall_seconds"] >= summary["train_seconds"] > 0
 
 
 def test_zero_entity_weight_installs_no_capture(tiny_clip_text_dir, tiny_llama_dir, isolated_cache, tmp_path, monkeypatch):

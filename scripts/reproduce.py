@@ -188,7 +188,8 @@ shape.
 {targets(results)}
 
 What was tried to make the lite UNet follow prompts on this budget, and what each attempt
-measured: [docs/TRAINING.md](TRAINING.md), "The recipe (measured)".
+measured: [docs/TRAINING.md](TRAINING.md), "The recipe (measured)"; the earlier `full` presets
+and what each gave `cam` against `clip`: the same file, "`cam` against `clip`".
 
 ## Sample efficiency
 

@@ -16,9 +16,9 @@ main: setup
 test: setup
 	$(PY) -m pytest
 
-## full: the full reproduction (trains the variants, regenerates docs/RESULTS.md)
+## full: the full reproduction (trains the variants two at a time, regenerates docs/RESULTS.md)
 full: setup
-	$(PY) scripts/reproduce.py --ship
+	$(PY) scripts/reproduce.py --jobs 2 --ship
 
 ## bench: performance ratios, written to bench/results.json and docs/BENCHMARKS.md
 bench: setup

@@ -1,6 +1,6 @@
 """The full reproduction: train every variant at an equal budget, evaluate, regenerate docs/RESULTS.md.
 
-    python scripts/reproduce.py              # `make full`: the `full` preset, every variant (~2.5 h on 2 cores)
+    python scripts/reproduce.py --jobs 2 --ship   # `make full`: the `full` preset, every variant, two at a time
     python scripts/reproduce.py --only clip cam --jobs 2   # the headline pair, side by side (≤ 45 min)
     python scripts/reproduce.py --smoke --out /tmp/repro   # seconds, to check the script itself
 

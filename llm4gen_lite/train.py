@@ -626,7 +626,7 @@ class Trainer:
         progress = tqdm(total=config.steps, initial=start, disable=not self.is_main, desc="training", dynamic_ncols=True)
         window: list[float] = []
         t_start, train_seconds = time.perf_counter(), 0.0  # wall time; time in training steps only
-        self.setup_seconds = t_start - self.created
+        setup_seconds = t_start - self.created
         for step in range(start, config.steps):
             t_step = time.perf_counter()
             logged = {"loss": 0.0, "diffusion_loss": 0.0, "entity_loss": 0.0}
@@ -669,9 +669,10 @@ class Trainer:
             if config.validate_every and done % config.validate_every == 0 and done < config.steps:
                 self.validate(done, metrics)
         progress.close()
-        return self._finish(metrics, start, time.perf_counter() - t_start, train_seconds)
+        return self._finish(metrics, start, setup_seconds, time.perf_counter() - t_start, train_seconds)
 
-    def _finish(self, metrics: _MetricsLog, start: int, seconds: float, train_seconds: float) -> Path:
+    def _finish(self, metrics: _MetricsLog, start: int, setup_seconds: float, seconds: float,
+                train_seconds: float) -> Path:
         """Final checkpoint, final validation, the pipeline with EMA weights, `summary.json`."""
         config = self.config
         if start < config.steps or not list_checkpoints(self.ckpt_root):
@@ -684,7 +685,7 @@ class Trainer:
             steps_run = max(1, config.steps - start)
             summary = {
                 "steps": config.steps, "steps_this_session": config.steps - start, "wall_seconds": seconds,
-                "setup_seconds": self.setup_seconds,
+                "setup_seconds": setup_seconds,
                 "train_seconds": train_seconds, "s_per_step": train_seconds / steps_run, "world_size": self.world,
                 "validation": report,
             }

@@ -18,6 +18,9 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
     targets = text[text.index("## Targets"):text.index("## Sample efficiency")]
     assert "dense prompts > 77 tokens" in targets and "FID not worse" in targets
     assert "| cam | " in text[text.index("inside and beyond CLIP's 77 tokens"):text.index("## Targets")]
+    cost = text[text.index("## Cost"):]
+    assert "| setup (min) |" in cost and "In all, " in cost, "each row's setup, training, evaluation and their sum"
+    assert "The `clip` and `cam` rows took" in cost and "setup, training and evaluation" in cost
     assert (tmp_path / "results.json").is_file(), "the numbers beside the document, for notebook 08"
     assert (tmp_path / "figures" / "sample_efficiency.png").is_file()
     assert (tmp_path / "runs" / "cam" / "evaluation.json").is_file()

@@ -658,8 +658,9 @@ def recall_by_window(images: Any, rows: Sequence[dict], window_ends: Sequence[in
             for part, v in found.items()}
 
 
-def dense_metrics(images: Any, rows: Sequence[Any]) -> dict[str, float]:
-    """Mean object recall / precision / F1 (in [0, 1]) — DensePrompts-lite."""
+def dense_metrics(images: Any, rows: Sequence[Any]) -> dict[str, Any]:
+    """Mean object recall / precision / F1 (in [0, 1]) — DensePrompts-lite — and each prompt's
+    recall (`per_prompt_recall`, in row order, for paired comparisons)."""
     if len(images) != len(rows):
         raise ValueError(f"{len(images)} images but {len(rows)} rows")
     rec, prec = [], []
@@ -668,7 +669,8 @@ def dense_metrics(images: Any, rows: Sequence[Any]) -> dict[str, float]:
         prec.append(object_precision(parsed, row))
     r, p = float(np.mean(rec)), float(np.mean(prec))
     return {"object_recall": r, "object_precision": p,
-            "object_f1": 0.0 if r + p == 0 else 2 * r * p / (r + p), "n": len(rows)}
+            "object_f1": 0.0 if r + p == 0 else 2 * r * p / (r + p), "n": len(rows),
+            "per_prompt_recall": [float(x) for x in rec]}
 
 
 def attribute_accuracy(images: Any, rows: Sequence[Any]) -> dict[str, float]:
@@ -716,11 +718,13 @@ def swap_accuracy(images: Any, rows: Sequence[dict]) -> float:
 
 
 def compbench_report(images: Any, rows: Sequence[dict]) -> dict[str, Any]:
-    """Everything at once: per-category scores (0–100), full-match rate (0–100), and where the
-    rows allow it attribute accuracy, dense metrics and swap-pair accuracy."""
+    """Everything at once: per-category scores (0–100), full-match rate (0–100), each prompt's
+    score (`per_prompt`, in [0, 1], in row order), and where the rows allow it attribute accuracy,
+    dense metrics and swap-pair accuracy."""
     parsed = parse_batch(images)
     scores = score_rows(parsed, rows)
-    report: dict[str, Any] = {"scores": {}, "full_match": {}, "n": len(rows)}
+    report: dict[str, Any] = {"scores": {}, "full_match": {}, "n": len(rows),
+                              "per_prompt": [float(x) for x in scores]}
     acc: dict[str, list[float]] = defaultdict(list)
     for s, row in zip(scores, rows):
         acc[_category(row, None)].append(s)

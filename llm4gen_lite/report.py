@@ -31,6 +31,8 @@ PAPER_DELTAS: dict[str, float] = {
     "dense_clip_score": 26.2 - 24.2,
 }
 
+EVALUATION_VERSION = 2  # what an evaluation records; 2 added per-prompt values (`PER_PROMPT`)
+
 DEFAULT_SETS = ("color", "shape", "texture", "spatial", "counting", "complex", "test_comp", "attr_swap", "dense_long")
 
 
@@ -72,7 +74,7 @@ def evaluate_pipeline(pipe, sets: Sequence[str] = DEFAULT_SETS, max_prompts: int
 
     `fid_samples` test-iid prompts are sampled for FID/KID (at least `MIN_FID_SAMPLES` for a number;
     fewer records why FID was not computed; 0 skips it)."""
-    result: dict[str, Any] = {"settings": {"steps": steps, "guidance_scale": guidance_scale,
+    result: dict[str, Any] = {"version": EVALUATION_VERSION, "settings": {"steps": steps, "guidance_scale": guidance_scale,
                                            "llm_guidance_scale": llm_guidance_scale, "seed": seed,
                                            "max_prompts": max_prompts, "fid_samples": fid_samples}, "sets": {}}
     for name in sets:
@@ -126,6 +128,38 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
         row["clip_score"] = sets["test_comp"]["shapesclip_score"]
     row["fid"] = result["fid"].get("value")
     return row
+
+
+# where each headline number's per-prompt values live in an evaluation (`evaluate_pipeline`)
+PER_PROMPT: dict[str, tuple[str, ...]] = {
+    "test_comp": ("sets", "test_comp", "per_prompt"),
+    "dense_recall": ("sets", "dense_long", "dense", "per_prompt_recall"),
+}
+
+
+def paired_delta(base: dict[str, Any], ours: dict[str, Any], key: str, n_boot: int = 10_000,
+                 seed: int = 0) -> tuple[float, float, float] | None:
+    """`ours − base` on a headline number (points, 0–100) with a 95% bootstrap interval.
+
+    Both evaluations scored the same prompts with the same sampling seeds, so the prompts are
+    resampled in pairs: the interval is the spread of the difference that comes from which
+    prompts were drawn. Returns `(delta, low, high)`, or None when either evaluation lacks the
+    per-prompt values (`PER_PROMPT[key]`)."""
+    values = []
+    for result in (base, ours):
+        node: Any = result
+        for part in PER_PROMPT[key]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return None
+        values.append(np.asarray(node, dtype=float))
+    a, b = values
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"{key}: {len(a)} and {len(b)} per-prompt values; both runs must score the same prompts")
+    diff = 100.0 * (b - a)
+    picks = np.random.default_rng(seed).integers(len(diff), size=(n_boot, len(diff)))
+    low, high = np.percentile(diff[picks].mean(1), [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
 
 
 def window_table(results: dict[str, dict[str, Any]]) -> str:

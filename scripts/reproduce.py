@@ -80,13 +80,15 @@ def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threa
 
 
 def _finished_evaluation(run: Path, config, settings: dict) -> dict | None:
-    """The run's evaluation.json if it scored this run's pipeline (same config) with these settings."""
+    """The run's evaluation.json if it scored this run's pipeline (same config) with these settings
+    and records what an evaluation records now (`report.EVALUATION_VERSION`)."""
     path = run / "evaluation.json"
     if not path.is_file() or path.stat().st_mtime < (run / "pipeline" / "model_index.json").stat().st_mtime:
         return None
     previous = json.loads(path.read_text())
     same_run = {**previous.get("config", {}), "resume_from": None} == {**config.to_dict(), "resume_from": None}
-    return previous if same_run and previous.get("settings") == settings else None
+    current = previous.get("version") == report.EVALUATION_VERSION and previous.get("settings") == settings
+    return previous if same_run and current else None
 
 
 def sample_efficiency(out: Path, names: list[str]):
@@ -122,21 +124,26 @@ def targets(results: dict[str, dict]) -> str:
     if not {"clip", "cam"} <= results.keys():
         return "(needs both the `clip` and the `cam` row)"
     base, ours = report.headline(results["clip"]), report.headline(results["cam"])
-    lines = ["| target | clip | cam | cam − clip | met |", "|---|---|---|---|---|"]
+    lines = ["| target | clip | cam | cam − clip | 95% interval | met |", "|---|---|---|---|---|---|"]
     for label, key, need in (("colour binding, compositional split (`test_comp`) ≥ +10", "test_comp", 10.0),
                              ("object recall, dense prompts > 77 tokens ≥ +10", "dense_recall", 10.0)):
         a, b = base.get(key), ours.get(key)
         if a is None or b is None:
-            lines.append(f"| {label} | – | – | – | not measured |")
-        else:
-            lines.append(f"| {label} | {a:.1f} | {b:.1f} | {b - a:+.1f} | {'yes' if b - a >= need else '**no**'} |")
+            lines.append(f"| {label} | – | – | – | – | not measured |")
+            continue
+        paired = report.paired_delta(results["clip"], results["cam"], key)
+        interval = "–" if paired is None else f"{paired[1]:+.1f} to {paired[2]:+.1f}"
+        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {b - a:+.1f} | {interval} | {'yes' if b - a >= need else '**no**'} |")
     fa, fb = results["clip"].get("fid", {}), results["cam"].get("fid", {})
     if "value" in fa and "value" in fb:
         worse = fb["value"] > fa["value"] + max(fa.get("std") or 0.0, fb.get("std") or 0.0)
         lines.append(f"| FID not worse (ShapesCLIP features, {fb['n_fake']} samples) | {fa['value']:.1f} | "
-                     f"{fb['value']:.1f} | {fb['value'] - fa['value']:+.1f} | {'**no**' if worse else 'yes'} |")
+                     f"{fb['value']:.1f} | {fb['value'] - fa['value']:+.1f} | – | {'**no**' if worse else 'yes'} |")
     else:
-        lines.append("| FID not worse | – | – | – | not measured |")
+        lines.append("| FID not worse | – | – | – | – | not measured |")
+    lines += ["", f"95% interval: of `cam − clip` over the {results['cam']['settings']['max_prompts']} prompts of the set, resampled in pairs "
+              "(both rows drew every prompt with the same seed; `report.paired_delta`). It shows how much of a "
+              "difference the choice of prompts alone can make; a second training seed would add its own spread."]
     return "\n".join(lines)
 
 

@@ -270,6 +270,8 @@ def test_compbench_report_collects_everything(sets):
     assert report["attributes"]["colour_acc"] == 1.0
     assert report["dense"]["object_recall"] == 1.0
     assert report["swap_pair_acc"] == 1.0
+    assert report["per_prompt"] == [1.0] * len(rows), "each prompt's score, in row order"
+    assert report["dense"]["per_prompt_recall"] == [1.0] * 10
 
 
 def test_scorer_rejects_bad_input(sets):

@@ -17,6 +17,7 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
     assert "| clip |" in text and "| cam |" in text and "Δ cam − clip (ours)" in text
     targets = text[text.index("## Targets"):text.index("## Sample efficiency")]
     assert "dense prompts > 77 tokens" in targets and "FID not worse" in targets
+    assert " to " in targets.split("test_comp")[1].split("\n")[0], "the Δ has its bootstrap interval"
     assert "| cam | " in text[text.index("inside and beyond CLIP's 77 tokens"):text.index("## Targets")]
     cost = text[text.index("## Cost"):]
     assert "| setup (min) |" in cost and "In all, " in cost, "each row's setup, training, evaluation and their sum"
@@ -47,3 +48,24 @@ def test_spread_rows_covers_the_file_and_keeps_swap_pairs_together():
     ids = [r["pair_id"] for r in pairs]
     assert len(pairs) == 16 and all(ids.count(i) == 2 for i in ids)
     assert spread_rows(colour, None) is colour and spread_rows(colour[:3], 16) == colour[:3]
+
+
+def test_paired_delta_resamples_prompts_in_pairs():
+    import pytest
+
+    from llm4gen_lite.report import paired_delta
+
+    def run(scores, recall=None):
+        sets = {"test_comp": {"per_prompt": scores}}
+        if recall is not None:
+            sets["dense_long"] = {"dense": {"per_prompt_recall": recall}}
+        return {"sets": sets}
+
+    base = run([0.0, 0.5, 1.0, 0.25])
+    assert paired_delta(base, base, "test_comp") == (0.0, 0.0, 0.0)
+    assert paired_delta(base, run([0.1, 0.6, 1.1, 0.35]), "test_comp") == pytest.approx((10.0, 10.0, 10.0))
+    delta, low, high = paired_delta(base, run([1.0, 0.5, 0.0, 0.25]), "test_comp")
+    assert delta == 0.0 and low < 0.0 < high, "a difference of one prompt either way spreads both ways"
+    assert paired_delta(base, base, "dense_recall") is None, "no per-prompt values, no interval"
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_delta(base, run([0.0, 0.5]), "test_comp")

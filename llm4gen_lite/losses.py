@@ -229,3 +229,33 @@ def entity_loss(
         ent = torch.einsum("pt,pts->ps", pairs.entity_weights.to(flat), rows)
         total = total + (map_distance(attr, ent, distance) * weights).sum() / weights.sum()
     return total / len(layer_maps)
+
+
+def entity_map_distances(maps: torch.Tensor, pairs: TokenPairs, distance: str = "cosine") -> dict[str, float]:
+    """How far each attribute's map lies from its own entity's and from the prompt's other entities'.
+
+    The entity loss pulls `own` toward 0; it can only teach binding where `own` starts out no
+    smaller than `other` (maps that are the same for every token satisfy it from the start).
+
+    Args:
+        maps: cross-attention maps of one resolution, `[batch, tokens, h, w]`.
+        pairs: pairs from one encoder branch (`token_pairs`); an entity counts as "other" for a
+            pair when it is in the same prompt and shares no token with the pair's own entity
+            (meant for prompts that name each object once, such as the attribute-swap set).
+    Returns: `{"own": mean d(attr, own entity), "other": mean d(attr, other entity), "pairs": P,
+        "other_pairs": count}` (`other` is NaN when no prompt has two entities).
+    """
+    flat = maps.flatten(2).float()  # [batch, tokens, positions]
+    rows = flat[pairs.batch_index]  # [P, tokens, positions]
+    attr = torch.einsum("pt,pts->ps", pairs.attr_weights.to(flat), rows)
+    ent = torch.einsum("pt,pts->ps", pairs.entity_weights.to(flat), rows)
+    own = map_distance(attr, ent, distance)
+    other = []
+    for p in range(len(pairs)):
+        for q in range(len(pairs)):
+            if (pairs.batch_index[q] == pairs.batch_index[p]
+                    and not (pairs.entity_weights[p].bool() & pairs.entity_weights[q].bool()).any()):
+                other.append(map_distance(attr[p:p + 1], ent[q:q + 1], distance))
+    return {"own": float(own.mean()) if len(own) else float("nan"),
+            "other": float(torch.cat(other).mean()) if other else float("nan"),
+            "pairs": len(pairs), "other_pairs": len(other)}

@@ -1,6 +1,8 @@
 """Diffusion targets, min-SNR weights, attribute–entity token pairs and the entity-guided loss."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -8,7 +10,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from llm4gen_lite.adapter import build_adapter
 from llm4gen_lite.attention import capture_cross_attention
 from llm4gen_lite.losses import (
-    caption_pairs, diffusion_loss, diffusion_target, entity_loss, map_distance, merge_token_pairs,
+    caption_pairs, diffusion_loss, diffusion_target, entity_loss, entity_map_distances, map_distance, merge_token_pairs,
     min_snr_weights, predicted_x0, token_pairs,
 )
 from llm4gen_lite.shapes import ShapeObject, Scene, short_caption
@@ -108,6 +110,22 @@ def test_entity_loss_sends_gradients_into_the_adapter_and_cross_attention():
     # rows outside the timestep range contribute nothing
     zero = entity_loss([store.get(layer) for layer in store.layers], pairs, "cosine", row_weights=torch.zeros(2))
     assert zero.item() == 0.0
+
+
+def test_entity_map_distances_tell_selective_maps_from_uniform_ones():
+    offsets = [[(0, 1), (2, 5), (6, 12), (13, 17), (18, 24)]]  # "a red circle blue square"
+    pairs = token_pairs([[((2, 5), (6, 12)), ((13, 17), (18, 24))]], offsets, total_tokens=5)
+    uniform = torch.ones(1, 5, 4, 4)
+    d = entity_map_distances(uniform, pairs)
+    assert d["own"] == pytest.approx(0.0, abs=1e-6) and d["other"] == pytest.approx(0.0, abs=1e-6)
+    assert d["pairs"] == 2 and d["other_pairs"] == 2
+    selective = torch.full((1, 5, 4, 4), 1e-3)
+    selective[0, 1:3, :, :2] = 1.0  # "red" and "circle" on the left half
+    selective[0, 3:5, :, 2:] = 1.0  # "blue" and "square" on the right half
+    d = entity_map_distances(selective, pairs)
+    assert d["own"] < 1e-3 and d["other"] > 0.9, "bound maps: close to their own entity, far from the other"
+    alone = token_pairs([[((2, 5), (6, 12))]], offsets, total_tokens=5)
+    assert math.isnan(entity_map_distances(selective, alone)["other"]), "one entity: nothing to compare with"
 
 
 def test_entity_loss_without_pairs_is_a_zero_with_a_graph():

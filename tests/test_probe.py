@@ -49,3 +49,15 @@ def test_probe_sees_words_the_unet_reads_and_not_those_it_cannot(probe_module, s
             modules[name].to_out[0].bias.zero_()
     deaf = probe_module.probe(pipe, n_images=4)
     assert all(r["shape Δ"] == 0 and r["colour Δ"] == 0 and r["shape gain"] == 0 for r in deaf), deaf
+
+
+def test_attention_selectivity_reports_own_and_other_entity_distances(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    import attention_selectivity
+
+    try:
+        rows = attention_selectivity.selectivity(_pipeline(2), n_prompts=4, steps=2)
+    finally:
+        sys.modules.pop("attention_selectivity", None)
+    assert rows and {r["branch"] for r in rows} == {"clip"}
+    assert all(r["pairs"] > 0 and r["other_pairs"] > 0 and 0 <= r["own"] <= 2 and 0 <= r["other"] <= 2 for r in rows), rows

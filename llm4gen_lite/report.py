@@ -69,16 +69,19 @@ def spread_rows(rows: list[dict], n: int | None) -> list[dict]:
 
 def evaluate_pipeline(pipe, sets: Sequence[str] = DEFAULT_SETS, max_prompts: int | None = None,
                       steps: int = 25, guidance_scale: float = 3.0, llm_guidance_scale: float | None = None,
-                      seed: int = 0, fid_samples: int = MIN_FID_SAMPLES) -> dict[str, Any]:
+                      seed: int = 0, fid_samples: int = MIN_FID_SAMPLES, all_prompts: Sequence[str] = ()
+                      ) -> dict[str, Any]:
     """Score `pipe` on prompt sets; returns a JSON-able dict (see module docstring).
 
-    `fid_samples` test-iid prompts are sampled for FID/KID (at least `MIN_FID_SAMPLES` for a number;
-    fewer records why FID was not computed; 0 skips it)."""
-    result: dict[str, Any] = {"version": EVALUATION_VERSION, "settings": {"steps": steps, "guidance_scale": guidance_scale,
-                                           "llm_guidance_scale": llm_guidance_scale, "seed": seed,
-                                           "max_prompts": max_prompts, "fid_samples": fid_samples}, "sets": {}}
+    At most `max_prompts` prompts per set (spread over the file), except for the sets named in
+    `all_prompts`, which are scored on every prompt (the sets a comparison hinges on: fewer
+    prompts, wider intervals). `fid_samples` test-iid prompts are sampled for FID/KID (at least
+    `MIN_FID_SAMPLES` for a number; fewer records why FID was not computed; 0 skips it)."""
+    result: dict[str, Any] = {"version": EVALUATION_VERSION, "settings": {
+        "steps": steps, "guidance_scale": guidance_scale, "llm_guidance_scale": llm_guidance_scale, "seed": seed,
+        "max_prompts": max_prompts, "all_prompts": list(all_prompts), "fid_samples": fid_samples}, "sets": {}}
     for name in sets:
-        rows = spread_rows(shapes.load_prompt_set(name), max_prompts)
+        rows = spread_rows(shapes.load_prompt_set(name), None if name in all_prompts else max_prompts)
         images = sample_images(pipe, [r["prompt"] for r in rows], steps, guidance_scale, seed, llm_guidance_scale)
         report = evaluate.compbench_report(images, rows)
         report["shapesclip_score"] = clip_score_mean(_chw(images), [r["prompt"] for r in rows]).mean

@@ -289,3 +289,16 @@ def test_dimension_mismatches_name_both_sides(unet, encoders, tmp_path):
     expected = "cross_attention_dim=64 in adapter.config but cross_attention_dim=32 in unet.config"
     with pytest.raises(ValueError, match=expected):
         LLM4GenPipeline(unet, DDIMScheduler(), build_adapter("clip", CLIP_DIM, LLM_DIM, 64))
+
+
+def test_evaluate_pipeline_scores_every_prompt_of_the_sets_it_is_told_to(unet, encoders):
+    from llm4gen_lite import report
+
+    pipe = make_pipe(unet, encoders, "clip")
+    pipe.set_progress_bar_config(disable=True)
+    result = report.evaluate_pipeline(pipe, sets=("color", "test_comp"), max_prompts=2, steps=1, fid_samples=0,
+                                      all_prompts=("test_comp",))
+    assert result["sets"]["color"]["n"] == 2 and len(result["sets"]["color"]["per_prompt"]) == 2
+    n = len(report.shapes.load_prompt_set("test_comp"))
+    assert result["sets"]["test_comp"]["n"] == n and len(result["sets"]["test_comp"]["per_prompt"]) == n
+    assert result["settings"]["all_prompts"] == ["test_comp"] and result["version"] == report.EVALUATION_VERSION

@@ -133,6 +133,9 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
     return row
 
 
+# the sets the results targets are measured on, scored on every prompt by the reproduction
+TARGET_SETS = ("test_comp", "dense_long")
+
 # where each headline number's per-prompt values live in an evaluation (`evaluate_pipeline`)
 PER_PROMPT: dict[str, tuple[str, ...]] = {
     "test_comp": ("sets", "test_comp", "per_prompt"),

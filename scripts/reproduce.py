@@ -46,8 +46,7 @@ ROWS: dict[str, dict] = {  # row name -> overrides of the full preset; everythin
 }
 
 
-EVAL_PROMPTS = 64  # prompts scored per set (spread evenly over each file in data/prompts/) ...
-TARGET_SETS = ("test_comp", "dense_long")  # ... except the sets of the targets: every prompt
+EVAL_PROMPTS = 64  # prompts scored per set (spread evenly over each file), except report.TARGET_SETS: all
 FID_SAMPLES = 256  # test-iid samples (and renders) behind FID/KID
 
 
@@ -61,7 +60,7 @@ def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threa
                           resume_from="latest" if (out / name / "checkpoints").is_dir() else None, **overrides)
     settings = {"max_prompts": 4 if smoke else EVAL_PROMPTS, "steps": config.sample_steps,
                 "guidance_scale": config.guidance_scale, "llm_guidance_scale": None, "seed": seed,
-                "fid_samples": 8 if smoke else FID_SAMPLES, "all_prompts": [] if smoke else list(TARGET_SETS)}
+                "fid_samples": 8 if smoke else FID_SAMPLES, "all_prompts": [] if smoke else list(report.TARGET_SETS)}
     start = time.perf_counter()
     pipeline_dir = out / name / "pipeline"
     if not (pipeline_dir / "model_index.json").is_file():
@@ -142,10 +141,27 @@ def targets(results: dict[str, dict]) -> str:
                      f"{fb['value']:.1f} | {fb['value'] - fa['value']:+.1f} | – | {'**no**' if worse else 'yes'} |")
     else:
         lines.append("| FID not worse | – | – | – | – | not measured |")
-    sizes = " and ".join(f"{results['cam']['sets'][k]['n']} {k}" for k in TARGET_SETS if k in results["cam"]["sets"])
+    sizes = " and ".join(f"{results['cam']['sets'][k]['n']} {k}" for k in report.TARGET_SETS if k in results["cam"]["sets"])
     lines += ["", f"95% interval: of `cam − clip` over the prompts of the set ({sizes} prompts), resampled in "
               "pairs (both rows drew every prompt with the same seed; `report.paired_delta`). It shows how much of "
               "a difference the choice of prompts alone can make; a second training seed would add its own spread."]
+    return "\n".join(lines)
+
+
+def delta_table(results: dict[str, dict]) -> str:
+    """Markdown: every row's difference from `clip` on the target sets, with paired 95% intervals."""
+    if "clip" not in results:
+        return "(needs the `clip` row)"
+    keys = [k for k in report.PER_PROMPT if report.paired_delta(results["clip"], results["clip"], k) is not None]
+    lines = ["| variant | " + " | ".join(f"Δ {k} (95% interval)" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, result in results.items():
+        if name == "clip":
+            continue
+        cells = []
+        for key in keys:
+            paired = report.paired_delta(results["clip"], result, key)
+            cells.append("–" if paired is None else f"{paired[0]:+.1f} ({paired[1]:+.1f} to {paired[2]:+.1f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -213,6 +229,10 @@ shape.
 ## Targets
 
 {targets(results)}
+
+Every row against `clip`, the same way:
+
+{delta_table(results)}
 
 What was tried to make the lite UNet follow prompts on this budget, and what each attempt
 measured: [docs/TRAINING.md](TRAINING.md), "The recipe (measured)"; the earlier `full` presets

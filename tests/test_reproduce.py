@@ -18,6 +18,7 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
     targets = text[text.index("## Targets"):text.index("## Sample efficiency")]
     assert "dense prompts > 77 tokens" in targets and "FID not worse" in targets
     assert " to " in targets.split("test_comp")[1].split("\n")[0], "the Δ has its bootstrap interval"
+    assert "| cam | " in targets.split("Every row against `clip`")[1], "each row's Δ with its interval"
     assert "| cam | " in text[text.index("inside and beyond CLIP's 77 tokens"):text.index("## Targets")]
     cost = text[text.index("## Cost"):]
     assert "| setup (min) |" in cost and "In all, " in cost, "each row's setup, training, evaluation and their sum"

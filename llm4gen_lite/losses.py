@@ -250,12 +250,12 @@ def entity_map_distances(maps: torch.Tensor, pairs: TokenPairs, distance: str = 
     attr = torch.einsum("pt,pts->ps", pairs.attr_weights.to(flat), rows)
     ent = torch.einsum("pt,pts->ps", pairs.entity_weights.to(flat), rows)
     own = map_distance(attr, ent, distance)
-    other = []
-    for p in range(len(pairs)):
-        for q in range(len(pairs)):
-            if (pairs.batch_index[q] == pairs.batch_index[p]
-                    and not (pairs.entity_weights[p].bool() & pairs.entity_weights[q].bool()).any()):
-                other.append(map_distance(attr[p:p + 1], ent[q:q + 1], distance))
-    return {"own": float(own.mean()) if len(own) else float("nan"),
-            "other": float(torch.cat(other).mean()) if other else float("nan"),
-            "pairs": len(pairs), "other_pairs": len(other)}
+    n = len(pairs)
+    support = (pairs.entity_weights > 0).float()  # [P, tokens]
+    is_other = (pairs.batch_index[:, None] == pairs.batch_index[None, :]) & (support @ support.T == 0)  # [P, P]
+    every = map_distance(attr[:, None].expand(-1, n, -1).reshape(n * n, -1),
+                         ent[None].expand(n, -1, -1).reshape(n * n, -1), distance).view(n, n)  # [P attr, P entity]
+    other = every[is_other]
+    return {"own": float(own.mean()) if n else float("nan"),
+            "other": float(other.mean()) if len(other) else float("nan"),
+            "pairs": n, "other_pairs": len(other)}

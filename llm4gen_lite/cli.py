@@ -40,11 +40,9 @@ def _config(args: argparse.Namespace):
 
 
 def _cmd_cache_features(args: argparse.Namespace) -> int:
-    from .train import TrainingData, build_feature_caches, load_encoders, validation_rows
+    from .train import cache_features
 
-    config = _config(args)
-    clip, llm = load_encoders(config)
-    caches = build_feature_caches(config, TrainingData(config, 0, 1), validation_rows(config), {"clip": clip, "llm": llm})
+    caches = cache_features(_config(args))
     for role, cache in caches.items():
         print(f"{role}: {len(cache)} captions cached in {cache.path}")
     return 0

@@ -349,6 +349,14 @@ def build_feature_caches(
     return caches
 
 
+def cache_features(config: TrainConfig) -> dict[str, Any]:
+    """Fill the feature caches a run of `config` reads (its training and validation captions, every
+    encoder it has), in this process. A feature folder takes one writer at a time, so runs that
+    start side by side are cached first, one after the other."""
+    clip, llm = load_encoders(config)
+    return build_feature_caches(config, TrainingData(config, 0, 1), validation_rows(config), {"clip": clip, "llm": llm})
+
+
 # ----------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------

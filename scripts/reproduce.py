@@ -33,7 +33,7 @@ from llm4gen_lite.io import atomic_write_bytes, atomic_write_json
 from llm4gen_lite.paths import REPO_ROOT, data_dir
 from llm4gen_lite.pipeline import LLM4GenPipeline
 from llm4gen_lite.pretrained import read_metrics
-from llm4gen_lite.train import train
+from llm4gen_lite.train import cache_features, train
 
 ROWS: dict[str, dict] = {  # row name -> overrides of the full preset; everything else is equal
     "clip": {"variant": "clip"},
@@ -50,14 +50,19 @@ EVAL_PROMPTS = 64  # prompts scored per set (spread evenly over each file), exce
 FID_SAMPLES = 256  # test-iid samples (and renders) behind FID/KID
 
 
+def row_config(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0):
+    """The `TrainConfig` of one row: the full (or smoke) preset, the row's overrides, its folder."""
+    base = load_config("smoke" if smoke else "full", {"seed": seed, "cpu_threads": threads})
+    return base.replace(output_dir=str(out / name), validation_prompts="color",
+                        validate_every=max(1, base.steps // 8), checkpoint_every=max(1, base.steps // 8),
+                        resume_from="latest" if (out / name / "checkpoints").is_dir() else None, **overrides)
+
+
 def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0) -> dict:
     """Train (or reuse, or resume) one row and evaluate it; `threads`: torch CPU threads (0 = default)."""
     if threads:
         torch.set_num_threads(threads)
-    base = load_config("smoke" if smoke else "full", {"seed": seed, "cpu_threads": threads})
-    config = base.replace(output_dir=str(out / name), validation_prompts="color",
-                          validate_every=max(1, base.steps // 8), checkpoint_every=max(1, base.steps // 8),
-                          resume_from="latest" if (out / name / "checkpoints").is_dir() else None, **overrides)
+    config = row_config(name, overrides, out, smoke, seed, threads)
     settings = {"max_prompts": 4 if smoke else EVAL_PROMPTS, "steps": config.sample_steps,
                 "guidance_scale": config.guidance_scale, "llm_guidance_scale": None, "seed": seed,
                 "fid_samples": 8 if smoke else FID_SAMPLES, "all_prompts": [] if smoke else list(report.TARGET_SETS)}
@@ -267,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     if args.jobs > 1:  # rows side by side, each on its share of the cores (spawned: no forked torch state)
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        for name in names:  # their feature caches first, here: a cache folder takes one writer at a time
+            if not (out / name / "pipeline" / "model_index.json").is_file():
+                cache_features(row_config(name, ROWS[name], out, args.smoke, args.seed, threads))
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {name: pool.submit(run_row, name, ROWS[name], out, args.smoke, args.seed, threads)
                        for name in names}

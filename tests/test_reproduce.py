@@ -2,17 +2,49 @@
 from __future__ import annotations
 
 import sys
+from concurrent.futures import Future
+
+import torch
 
 from llm4gen_lite.paths import REPO_ROOT
+
+
+class InlinePool:
+    """`ProcessPoolExecutor` stand-in that runs each row in this process when it is submitted."""
+
+    def __init__(self, workers, mp_context=None):
+        self.workers = workers
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        future = Future()
+        future.set_result(fn(*args))
+        return future
 
 
 def test_reproduce_smoke(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
     import reproduce
 
+    events = []
+    real_cache, real_run = reproduce.cache_features, reproduce.run_row
+    monkeypatch.setattr(reproduce, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(reproduce, "cache_features", lambda config: events.append(("cache", config.variant)) or real_cache(config))
+    monkeypatch.setattr(reproduce, "run_row", lambda name, *a: events.append(("run", name)) or real_run(name, *a))
+    threads = torch.get_num_threads()
     results = tmp_path / "RESULTS.md"
-    assert reproduce.main(["--smoke", "--only", "clip", "cam", "--out", str(tmp_path / "runs"),
-                           "--results", str(results)]) == 0
+    try:
+        assert reproduce.main(["--smoke", "--only", "clip", "cam", "--jobs", "2", "--out", str(tmp_path / "runs"),
+                               "--results", str(results)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert events == [("cache", "clip"), ("cache", "cam"), ("run", "clip"), ("run", "cam")], \
+        "side by side, the rows' feature caches are filled first, one writer at a time"
     text = results.read_text()
     assert "| clip |" in text and "| cam |" in text and "Δ cam − clip (ours)" in text
     targets = text[text.index("## Targets"):text.index("## Sample efficiency")]
@@ -32,8 +64,13 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reproduce.report, "evaluate_pipeline", no_second_evaluation)
     before = (tmp_path / "results.json").read_text()
-    assert reproduce.main(["--smoke", "--only", "clip", "cam", "--out", str(tmp_path / "runs"),
-                           "--results", str(results)]) == 0
+    events.clear()
+    try:
+        assert reproduce.main(["--smoke", "--only", "clip", "cam", "--jobs", "2", "--out", str(tmp_path / "runs"),
+                               "--results", str(results)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert events == [("run", "clip"), ("run", "cam")], "finished rows need no caching"
     assert (tmp_path / "results.json").read_text() == before, "the rerun reports the same numbers"
     sys.modules.pop("reproduce", None)
 

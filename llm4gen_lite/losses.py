@@ -196,6 +196,15 @@ def map_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "cosine") -> 
     raise ValueError(f"unknown entity distance {distance!r}; use 'cosine' or 'l2'")
 
 
+def _pair_maps(maps: torch.Tensor, pairs: TokenPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attribute's and the entity's spatial map of every pair, each `[P, positions]`, from
+    cross-attention maps `[batch, tokens, h, w]`."""
+    flat = maps.flatten(2).float()  # [batch, tokens, positions]
+    rows = flat[pairs.batch_index.to(flat.device)]  # [P, tokens, positions]
+    return (torch.einsum("pt,pts->ps", pairs.attr_weights.to(flat), rows),
+            torch.einsum("pt,pts->ps", pairs.entity_weights.to(flat), rows))
+
+
 def entity_loss(
     maps: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     pairs: TokenPairs,
@@ -223,10 +232,7 @@ def entity_loss(
         return zero
     total = 0.0
     for m in layer_maps:
-        flat = m.flatten(2).float()  # [batch, tokens, positions]
-        rows = flat[pairs.batch_index.to(flat.device)]  # [P, tokens, positions]
-        attr = torch.einsum("pt,pts->ps", pairs.attr_weights.to(flat), rows)
-        ent = torch.einsum("pt,pts->ps", pairs.entity_weights.to(flat), rows)
+        attr, ent = _pair_maps(m, pairs)
         total = total + (map_distance(attr, ent, distance) * weights).sum() / weights.sum()
     return total / len(layer_maps)
 
@@ -245,10 +251,7 @@ def entity_map_distances(maps: torch.Tensor, pairs: TokenPairs, distance: str = 
     Returns: `{"own": mean d(attr, own entity), "other": mean d(attr, other entity), "pairs": P,
         "other_pairs": count}` (`other` is NaN when no prompt has two entities).
     """
-    flat = maps.flatten(2).float()  # [batch, tokens, positions]
-    rows = flat[pairs.batch_index]  # [P, tokens, positions]
-    attr = torch.einsum("pt,pts->ps", pairs.attr_weights.to(flat), rows)
-    ent = torch.einsum("pt,pts->ps", pairs.entity_weights.to(flat), rows)
+    attr, ent = _pair_maps(maps, pairs)
     own = map_distance(attr, ent, distance)
     n = len(pairs)
     support = (pairs.entity_weights > 0).float()  # [P, tokens]

@@ -143,6 +143,14 @@ PER_PROMPT: dict[str, tuple[str, ...]] = {
 }
 
 
+def per_prompt(result: dict[str, Any], key: str) -> np.ndarray | None:
+    """The per-prompt values `[prompts]` behind headline number `key`, or None if not recorded."""
+    node: Any = result
+    for part in PER_PROMPT[key]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return None if node is None else np.asarray(node, dtype=float)
+
+
 def paired_delta(base: dict[str, Any], ours: dict[str, Any], key: str, n_boot: int = 10_000,
                  seed: int = 0) -> tuple[float, float, float] | None:
     """`ours − base` on a headline number (points, 0–100) with a 95% bootstrap interval.
@@ -151,15 +159,9 @@ def paired_delta(base: dict[str, Any], ours: dict[str, Any], key: str, n_boot: i
     resampled in pairs: the interval is the spread of the difference that comes from which
     prompts were drawn. Returns `(delta, low, high)`, or None when either evaluation lacks the
     per-prompt values (`PER_PROMPT[key]`)."""
-    values = []
-    for result in (base, ours):
-        node: Any = result
-        for part in PER_PROMPT[key]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            return None
-        values.append(np.asarray(node, dtype=float))
-    a, b = values
+    a, b = per_prompt(base, key), per_prompt(ours, key)
+    if a is None or b is None:
+        return None
     if len(a) != len(b) or len(a) == 0:
         raise ValueError(f"{key}: {len(a)} and {len(b)} per-prompt values; both runs must score the same prompts")
     diff = 100.0 * (b - a)

@@ -35,11 +35,11 @@ def selectivity(pipe: LLM4GenPipeline, n_prompts: int, steps: int = 20, seed: in
     att = out.attention
     spans = [caption_pairs(p) for p in prompts]
     branches = [("clip", pipe.clip_encoder, 0, att.clip_tokens), ("llm", pipe.llm_encoder, att.clip_tokens, att.llm_tokens)]
+    total = att.mask.shape[1]  # tokens of the conditioning sequence
     rows = []
     for branch, encoder, start, length in branches:
         if encoder is None or length == 0:
             continue
-        total = att.maps[next(iter(att.maps))].shape[1]
         pairs = token_pairs(spans, encoder.encode(prompts).offsets, total, start)
         for resolution, maps in sorted(att.by_resolution().items()):
             rows.append({"branch": branch, "resolution": f"{resolution[0]}×{resolution[1]}",

@@ -157,7 +157,7 @@ def delta_table(results: dict[str, dict]) -> str:
     """Markdown: every row's difference from `clip` on the target sets, with paired 95% intervals."""
     if "clip" not in results:
         return "(needs the `clip` row)"
-    keys = [k for k in report.PER_PROMPT if report.paired_delta(results["clip"], results["clip"], k) is not None]
+    keys = [k for k in report.PER_PROMPT if report.per_prompt(results["clip"], k) is not None]
     lines = ["| variant | " + " | ".join(f"Δ {k} (95% interval)" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, result in results.items():
         if name == "clip":

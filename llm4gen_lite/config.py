@@ -87,8 +87,8 @@ class TrainConfig:
     validate_every: int = 0  # steps between validations (grid + CompBench-lite scores); 0 = only at the end
     validation_prompts: str = "single"  # prompt set in data/prompts/ scored at validation
     validation_max_prompts: int = 48  # prompts of that set used (first N) at validation
-    guidance_scale: float = 3.0  # CFG scale for validation samples (saved as the pipeline default)
-    sample_steps: int = 25  # DDIM steps for validation samples (saved as the pipeline default)
+    guidance_scale: float = 3.0  # CFG scale of validation samples and of the CLI's sample/evaluate
+    sample_steps: int = 25  # DDIM steps of validation samples and of the CLI's sample/evaluate
     # --- system ---------------------------------------------------------------------------------
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate autocast precision
     device: str = "cpu"  # "cpu" (default), or "auto" to use a GPU when present

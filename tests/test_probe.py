@@ -61,3 +61,34 @@ def test_attention_selectivity_reports_own_and_other_entity_distances(monkeypatc
         sys.modules.pop("attention_selectivity", None)
     assert rows and {r["branch"] for r in rows} == {"clip"}
     assert all(r["pairs"] > 0 and r["other_pairs"] > 0 and 0 <= r["own"] <= 2 and 0 <= r["other"] <= 2 for r in rows), rows
+
+
+def test_single_object_accuracy_scores_the_prompted_objects(monkeypatch):
+    """Renders of the prompts' own scenes score (near) 1; the same renders with every shape
+    exchanged score 0 on shape and still 1 on colour; a real pipeline goes through."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    import dataclasses
+
+    import single_object_accuracy as soa
+
+    from llm4gen_lite import shapes
+
+    rows = shapes.load_prompt_set("single")
+    scenes = [shapes.row_scene(r) for r in rows]
+    other = {s: shapes.SHAPES[(i + 1) % len(shapes.SHAPES)] for i, s in enumerate(shapes.SHAPES)}
+    swapped = [dataclasses.replace(s, objects=[dataclasses.replace(o, shape=other[o.shape]) for o in s.objects])
+               for s in scenes]
+    try:
+        for drawn, want_shape in ((scenes, 1.0), (swapped, 0.0)):
+            monkeypatch.setattr(soa.report, "sample_images", lambda *a, **k: shapes.render_batch(drawn))
+            result = soa.accuracy(None, seeds=(0, 1))
+            assert result["prompts"] == len(rows) and len(result["shape_per_seed"]) == 2
+            assert abs(result["mean"]["shape_acc"] - want_shape) <= 0.05, result
+            assert result["mean"]["colour_acc"] >= 0.95, result
+        monkeypatch.undo()
+        real = soa.accuracy(_pipeline(2), seeds=(0,), steps=2)
+        assert all(0 <= v <= 1 for v in real["mean"].values()), real
+        with pytest.raises(ValueError, match="seed"):
+            soa.accuracy(None, seeds=())
+    finally:
+        sys.modules.pop("single_object_accuracy", None)

@@ -3,6 +3,8 @@
     python scripts/reproduce.py --jobs 2 --ship   # `make full`: the `full` preset, every variant, two at a time
     python scripts/reproduce.py --only clip cam --jobs 2   # the headline pair, side by side (≤ 45 min)
     python scripts/reproduce.py --smoke --out /tmp/repro   # seconds, to check the script itself
+    python scripts/reproduce.py --only clip cam --jobs 2 --set logit_mean=1 --out runs/x --results runs/x/RESULTS.md
+                                                           # a changed preset, every row alike
 
 Each run trains with `configs/full.yaml` (plus the row's overrides) into `<out>/<row>/`, validating
 colour binding every `steps/8` steps (the sample-efficiency curve), then `report.evaluate_pipeline`
@@ -21,6 +23,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 from llm4gen_lite import report, viz
-from llm4gen_lite.config import load_config
+from llm4gen_lite.config import ConfigError, load_config
 from llm4gen_lite.io import atomic_write_bytes, atomic_write_json
 from llm4gen_lite.paths import REPO_ROOT, data_dir
 from llm4gen_lite.pipeline import LLM4GenPipeline
@@ -50,19 +53,22 @@ EVAL_PROMPTS = 64  # prompts scored per set (spread evenly over each file), exce
 FID_SAMPLES = 256  # test-iid samples (and renders) behind FID/KID
 
 
-def row_config(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0):
-    """The `TrainConfig` of one row: the full (or smoke) preset, the row's overrides, its folder."""
-    base = load_config("smoke" if smoke else "full", {"seed": seed, "cpu_threads": threads})
+def row_config(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0,
+               settings: Sequence[str] = ()):
+    """The `TrainConfig` of one row: the full (or smoke) preset with `settings` ("key=value", every
+    row alike), the row's overrides, its folder."""
+    base = load_config("smoke" if smoke else "full", list(settings)).replace(seed=seed, cpu_threads=threads)
     return base.replace(output_dir=str(out / name), validation_prompts="color",
                         validate_every=max(1, base.steps // 8), checkpoint_every=max(1, base.steps // 8),
                         resume_from="latest" if (out / name / "checkpoints").is_dir() else None, **overrides)
 
 
-def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0) -> dict:
+def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0,
+            settings: Sequence[str] = ()) -> dict:
     """Train (or reuse, or resume) one row and evaluate it; `threads`: torch CPU threads (0 = default)."""
     if threads:
         torch.set_num_threads(threads)
-    config = row_config(name, overrides, out, smoke, seed, threads)
+    config = row_config(name, overrides, out, smoke, seed, threads, settings)
     settings = {"max_prompts": 4 if smoke else EVAL_PROMPTS, "steps": config.sample_steps,
                 "guidance_scale": config.guidance_scale, "llm_guidance_scale": None, "seed": seed,
                 "fid_samples": 8 if smoke else FID_SAMPLES, "all_prompts": [] if smoke else list(report.TARGET_SETS)}
@@ -266,17 +272,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows trained side by side, each on cpu_count/jobs threads (2 on a 2-core CPU is fastest)")
     parser.add_argument("--ship", action="store_true", help="copy the clip and cam pipelines to data/checkpoints/")
     parser.add_argument("--results", default=str(REPO_ROOT / "docs" / "RESULTS.md"), help="results document to write")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one config field of every row (repeatable), e.g. --set steps=4800")
     args = parser.parse_args(argv)
     out = Path(args.out)
     names = args.only or list(ROWS)
+    per_row = sorted({s.split("=", 1)[0].strip() for s in args.set} & {k for n in names for k in ROWS[n]})
+    if per_row:
+        parser.error(f"--set {', '.join(per_row)}: the grid sets this per row (ROWS); leave it to the rows")
+    try:
+        row_config(names[0], ROWS[names[0]], out, args.smoke, args.seed, 0, args.set)
+    except ConfigError as error:
+        parser.error(str(error))
     results = {}
     if args.jobs > 1:  # rows side by side, each on its share of the cores (spawned: no forked torch state)
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         for name in names:  # their feature caches first, here: a cache folder takes one writer at a time
             if not (out / name / "pipeline" / "model_index.json").is_file():
-                cache_features(row_config(name, ROWS[name], out, args.smoke, args.seed, threads))
+                cache_features(row_config(name, ROWS[name], out, args.smoke, args.seed, threads, args.set))
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {name: pool.submit(run_row, name, ROWS[name], out, args.smoke, args.seed, threads)
+            futures = {name: pool.submit(run_row, name, ROWS[name], out, args.smoke, args.seed, threads, args.set)
                        for name in names}
             for name, future in futures.items():
                 results[name] = future.result()
@@ -284,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for name in names:
             print(f"=== {name}: {ROWS[name]}", flush=True)
-            results[name] = run_row(name, ROWS[name], out, args.smoke, args.seed)
+            results[name] = run_row(name, ROWS[name], out, args.smoke, args.seed, 0, args.set)
             print(json.dumps(report.headline(results[name])), flush=True)
     command = "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.ship:

@@ -107,3 +107,30 @@ def test_paired_delta_resamples_prompts_in_pairs():
     assert paired_delta(base, base, "dense_recall") is None, "no per-prompt values, no interval"
     with pytest.raises(ValueError, match="same prompts"):
         paired_delta(base, run([0.0, 0.5]), "test_comp")
+
+
+def test_reproduce_set_changes_every_row_and_refuses_what_rows_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    import reproduce
+
+    try:
+        seen = []
+        monkeypatch.setattr(reproduce, "run_row", lambda name, overrides, out, smoke, seed, threads, settings: seen.append(
+            reproduce.row_config(name, overrides, out, smoke, seed, threads, settings)) or {})
+        monkeypatch.setattr(reproduce, "write_results", lambda *a, **k: tmp_path / "RESULTS.md")
+        monkeypatch.setattr(reproduce.report, "headline", lambda result: {})
+        assert reproduce.main(["--smoke", "--only", "clip", "cam", "--out", str(tmp_path),
+                               "--set", "timestep_sampling=logit_normal", "--set", "logit_mean=0.5"]) == 0
+        assert [(c.variant, c.timestep_sampling, c.logit_mean) for c in seen] == [
+            ("clip", "logit_normal", 0.5), ("cam", "logit_normal", 0.5)]
+        for bad, message in ((["--set", "variant=llm"], "per row"), (["--set", "logit_mean=high"], "logit_mean"),
+                             (["--set", "logit_man=1"], "logit_man")):
+            try:
+                reproduce.main(["--smoke", "--only", "clip", "--out", str(tmp_path), *bad])
+            except SystemExit as exit_:
+                assert exit_.code == 2
+            else:
+                raise AssertionError(f"{bad} was accepted")
+            assert message in capsys.readouterr().err
+    finally:
+        sys.modules.pop("reproduce", None)

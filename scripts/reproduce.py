@@ -54,21 +54,21 @@ FID_SAMPLES = 256  # test-iid samples (and renders) behind FID/KID
 
 
 def row_config(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0,
-               settings: Sequence[str] = ()):
-    """The `TrainConfig` of one row: the full (or smoke) preset with `settings` ("key=value", every
-    row alike), the row's overrides, its folder."""
-    base = load_config("smoke" if smoke else "full", list(settings)).replace(seed=seed, cpu_threads=threads)
+               preset_changes: Sequence[str] = ()):
+    """The `TrainConfig` of one row: the full (or smoke) preset with `preset_changes` ("key=value",
+    every row alike), the row's overrides, its folder."""
+    base = load_config("smoke" if smoke else "full", list(preset_changes)).replace(seed=seed, cpu_threads=threads)
     return base.replace(output_dir=str(out / name), validation_prompts="color",
                         validate_every=max(1, base.steps // 8), checkpoint_every=max(1, base.steps // 8),
                         resume_from="latest" if (out / name / "checkpoints").is_dir() else None, **overrides)
 
 
 def run_row(name: str, overrides: dict, out: Path, smoke: bool, seed: int, threads: int = 0,
-            settings: Sequence[str] = ()) -> dict:
+            preset_changes: Sequence[str] = ()) -> dict:
     """Train (or reuse, or resume) one row and evaluate it; `threads`: torch CPU threads (0 = default)."""
     if threads:
         torch.set_num_threads(threads)
-    config = row_config(name, overrides, out, smoke, seed, threads, settings)
+    config = row_config(name, overrides, out, smoke, seed, threads, preset_changes)
     settings = {"max_prompts": 4 if smoke else EVAL_PROMPTS, "steps": config.sample_steps,
                 "guidance_scale": config.guidance_scale, "llm_guidance_scale": None, "seed": seed,
                 "fid_samples": 8 if smoke else FID_SAMPLES, "all_prompts": [] if smoke else list(report.TARGET_SETS)}

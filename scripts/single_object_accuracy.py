@@ -3,10 +3,11 @@
     python scripts/single_object_accuracy.py RUN_OR_PIPELINE [RUN_OR_PIPELINE ...] [--seeds 0 1 2]
 
 Samples every prompt of the `single` set (data/prompts/single.jsonl: 84 prompts such as "a small
-outlined red circle") once per sampling seed (DDIM 25, CFG 3 unless given, as at validation) and prints per pipeline the mean colour / shape / size / fill accuracy of the largest
-parsed object (`evaluate.attribute_accuracy`) and the shape accuracy of each seed. A training
-run's validation scores one seed on the first 48 prompts; the spread between seeds shows how far
-that single number can be trusted (one seed of 84 prompts: ±0.05 on a shape accuracy near 0.75).
+outlined red circle") once per sampling seed (DDIM 25, CFG 3 unless given, as at validation) and
+prints per pipeline the mean colour / shape / size / fill accuracy of the largest parsed object
+(`evaluate.attribute_accuracy`) and the shape accuracy of each seed. A training run's validation
+samples each prompt once with one seed; on one checkpoint the seed alone moves shape accuracy by
+up to ±0.05, as much as many recipe changes (docs/TRAINING.md).
 """
 from __future__ import annotations
 

@@ -115,8 +115,8 @@ def test_reproduce_set_changes_every_row_and_refuses_what_rows_set(tmp_path, mon
 
     try:
         seen = []
-        monkeypatch.setattr(reproduce, "run_row", lambda name, overrides, out, smoke, seed, threads, settings: seen.append(
-            reproduce.row_config(name, overrides, out, smoke, seed, threads, settings)) or {})
+        monkeypatch.setattr(reproduce, "run_row", lambda name, overrides, out, smoke, seed, threads, changes: seen.append(
+            reproduce.row_config(name, overrides, out, smoke, seed, threads, changes)) or {})
         monkeypatch.setattr(reproduce, "write_results", lambda *a, **k: tmp_path / "RESULTS.md")
         monkeypatch.setattr(reproduce.report, "headline", lambda result: {})
         assert reproduce.main(["--smoke", "--only", "clip", "cam", "--out", str(tmp_path),

@@ -138,6 +138,15 @@ def _prompt_list(prompt: str | list[str]) -> list[str]:
     return check_prompts([prompt] if isinstance(prompt, str) else prompt)
 
 
+def saved_pipeline_dir(path: str | os.PathLike) -> Path:
+    """The saved pipeline of `path`: the folder itself, or a training run's `pipeline/`."""
+    p = Path(path)
+    for candidate in (p, p / "pipeline"):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no saved pipeline here (expected model_index.json in it or in its pipeline/)")
+
+
 class LLM4GenPipeline(DiffusionPipeline):
     """Text-to-image sampling for every conditioning variant (`clip`, `llm`, `concat`, `cam`)."""
 

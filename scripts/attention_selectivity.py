@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from llm4gen_lite.losses import caption_pairs, entity_map_distances, token_pairs  # noqa: E402
-from llm4gen_lite.pipeline import LLM4GenPipeline  # noqa: E402
+from llm4gen_lite.pipeline import LLM4GenPipeline, saved_pipeline_dir  # noqa: E402
 from llm4gen_lite.report import spread_rows  # noqa: E402
 from llm4gen_lite.shapes import load_prompt_set  # noqa: E402
 
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=32, help="attribute-swap prompts sampled")
     args = parser.parse_args(argv)
     for run in args.runs:
-        folder = run / "pipeline" if (run / "pipeline").is_dir() else run
-        pipe = LLM4GenPipeline.from_pretrained(folder)
+        pipe = LLM4GenPipeline.from_pretrained(saved_pipeline_dir(run))
         print(f"\n{run}\n| branch | resolution | own | other | pairs |\n|---|---|---|---|---|")
         for r in selectivity(pipe, args.prompts):
             print(f"| {r['branch']} | {r['resolution']} | {r['own']:.4f} | {r['other']:.4f} | {r['pairs']} |")

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from llm4gen_lite.losses import predicted_x0  # noqa: E402
-from llm4gen_lite.pipeline import LLM4GenPipeline  # noqa: E402
+from llm4gen_lite.pipeline import LLM4GenPipeline, saved_pipeline_dir  # noqa: E402
 from llm4gen_lite.shapes import COLOR_NAMES, SHAPES, ShapesDataset  # noqa: E402
 from llm4gen_lite.unet import from_model_space, to_model_space  # noqa: E402
 
@@ -99,8 +99,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="single-object test-iid scenes per timestep")
     args = parser.parse_args()
     for run in args.runs:
-        folder = run / "pipeline" if (run / "pipeline").is_dir() else run
-        pipe = LLM4GenPipeline.from_pretrained(folder)
+        pipe = LLM4GenPipeline.from_pretrained(saved_pipeline_dir(run))
         pipe.unet.eval()
         pipe.adapter.eval()
         rows = probe(pipe, args.images)

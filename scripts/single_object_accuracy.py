@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from llm4gen_lite import evaluate, report  # noqa: E402
-from llm4gen_lite.pipeline import LLM4GenPipeline  # noqa: E402
+from llm4gen_lite.pipeline import LLM4GenPipeline, saved_pipeline_dir  # noqa: E402
 from llm4gen_lite.shapes import load_prompt_set  # noqa: E402
 
 ATTRIBUTES = ("colour_acc", "shape_acc", "size_acc", "fill_acc")
@@ -40,14 +39,6 @@ def accuracy(pipe: LLM4GenPipeline, seeds: Sequence[int] = (0, 1, 2), steps: int
             "shape_per_seed": [s["shape_acc"] for s in per_seed], "prompts": len(rows)}
 
 
-def _pipeline_dir(path: str) -> Path:
-    p = Path(path)
-    for candidate in (p, p / "pipeline"):
-        if (candidate / "model_index.json").is_file():
-            return candidate
-    raise SystemExit(f"{path}: no saved pipeline here (expected model_index.json in it or in its pipeline/)")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="training run folders or saved pipelines")
@@ -56,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=3.0, help="CFG scale (default 3)")
     args = parser.parse_args(argv)
     for run in args.runs:
-        pipe = LLM4GenPipeline.from_pretrained(_pipeline_dir(run))
+        pipe = LLM4GenPipeline.from_pretrained(saved_pipeline_dir(run))
         pipe.set_progress_bar_config(disable=True)
         result = accuracy(pipe, args.seeds, args.steps, args.guidance)
         print(run, f"({result['prompts']} prompts x {len(args.seeds)} seeds, {args.steps} steps, CFG {args.guidance})",

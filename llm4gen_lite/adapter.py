@@ -17,12 +17,18 @@ never reach the image.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin  # ModelMixin must be importable from here for pipeline loading
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, _add_variant
 from torch import nn
+
+from .io import atomic_save_safetensors
 
 VARIANTS = ("clip", "llm", "concat", "cam")
 FFN_ACTIVATIONS = ("gelu", "quick_gelu")
@@ -252,6 +258,14 @@ class ConditioningAdapter(ModelMixin, ConfigMixin):
     def uses_llm(self) -> bool:
         """Whether this variant reads LLM features at all."""
         return self.variant != "clip"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save config and safetensors weights; a weightless adapter (`clip` at equal widths, as
+        SD1.5's) gets an empty weights file, which diffusers would skip but loading requires."""
+        super().save_pretrained(save_directory, **kwargs)
+        if not self.state_dict() and kwargs.get("is_main_process", True):
+            file = Path(save_directory) / _add_variant(SAFETENSORS_WEIGHTS_NAME, kwargs.get("variant"))
+            atomic_save_safetensors({}, file)
 
     def forward(
         self,

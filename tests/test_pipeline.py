@@ -194,8 +194,11 @@ def test_mean_capture_averages_calls_and_handles_non_square_inputs(unet, encoder
     assert torch.allclose(store.get(layer), (singles[0] + singles[1]) / 2, atol=1e-6)
 
 
-def test_save_and_load_round_trip(unet, encoders, tmp_path):
-    pipe = make_pipe(unet, encoders, "cam", llm_scale=0.7)
+@pytest.mark.parametrize("variant", ["cam", "clip"])
+def test_save_and_load_round_trip(unet, encoders, tmp_path, variant):
+    """`clip` at CLIP width = UNet width has no weights at all (as SD1.5's): it must round-trip too."""
+    pipe = make_pipe(unet, encoders, variant, llm_scale=0.7)
+    assert bool(pipe.adapter.state_dict()) == (variant == "cam")
     with pytest.warns(UserWarning, match="has no load_spec"):
         pipe.save_pretrained(tmp_path)
     saved = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}

@@ -41,7 +41,7 @@ from llm4gen_lite.train import cache_features, train
 ROWS: dict[str, dict] = {  # row name -> overrides of the full preset; everything else is equal
     "clip": {"variant": "clip"},
     "cam": {"variant": "cam"},
-    "cam_entity": {"variant": "cam", "entity_weight": 0.1},  # the slowest row (~2.5x a cam step): started early
+    "cam_entity": {"variant": "cam", "entity_weight": 0.1},  # the slowest row (~1.35x a cam step): started early
     "llm": {"variant": "llm"},
     "concat": {"variant": "concat"},
     "cam_minilm": {"variant": "cam", "clip_encoder": "minilm"},

@@ -11,7 +11,7 @@ from llm4gen_lite.adapter import build_adapter
 from llm4gen_lite.attention import capture_cross_attention
 from llm4gen_lite.losses import (
     caption_pairs, diffusion_loss, diffusion_target, entity_loss, entity_map_distances, map_distance, merge_token_pairs,
-    min_snr_weights, predicted_x0, token_pairs,
+    min_snr_weights, predicted_x0, token_pairs, TokenPairs,
 )
 from llm4gen_lite.shapes import ShapeObject, Scene, short_caption
 
@@ -110,6 +110,41 @@ def test_entity_loss_sends_gradients_into_the_adapter_and_cross_attention():
     # rows outside the timestep range contribute nothing
     zero = entity_loss([store.get(layer) for layer in store.layers], pairs, "cosine", row_weights=torch.zeros(2))
     assert zero.item() == 0.0
+
+
+def test_entity_loss_matches_the_definition_on_random_maps_and_pairs():
+    """The sparse token selection gives the loss (and gradient) of the written-out definition:
+    mean over layers and pairs of 1 - cos(A_attr, A_entity), maps normalised to sum 1."""
+    g = torch.Generator().manual_seed(0)
+    batch, tokens = 3, 9
+    layers = [torch.rand(batch, tokens, 4, 4, generator=g).requires_grad_() for _ in range(2)]
+    weights = {}
+    for side in ("attr", "ent"):
+        w = torch.zeros(5, tokens)
+        for p in range(5):
+            picked = torch.randperm(tokens, generator=g)[: 1 + p % 2]
+            w[p, picked] = 1.0 / len(picked)
+        weights[side] = w
+    pairs = TokenPairs(torch.tensor([0, 2, 1, 2, 0]), weights["attr"], weights["ent"])
+    loss = entity_loss(layers, pairs, "cosine")
+    (grads,) = torch.autograd.grad(loss, [layers[1]])
+
+    def definition(maps):
+        per_layer = []
+        for m in maps:
+            flat = m.flatten(2)
+            d = []
+            for p, b in enumerate(pairs.batch_index.tolist()):
+                a = (weights["attr"][p, :, None] * flat[b]).sum(0)
+                e = (weights["ent"][p, :, None] * flat[b]).sum(0)
+                d.append(1 - torch.nn.functional.cosine_similarity(a / a.sum(), e / e.sum(), dim=0))
+            per_layer.append(torch.stack(d).mean())
+        return torch.stack(per_layer).mean()
+
+    expected = definition(layers)
+    (expected_grads,) = torch.autograd.grad(expected, [layers[1]])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grads, expected_grads, rtol=1e-4, atol=1e-7)
 
 
 def test_entity_map_distances_tell_selective_maps_from_uniform_ones():

@@ -75,6 +75,7 @@ class Sizes:
 
 FULL = Sizes(("small", "tiny"), 32, 1, 5, 8, 4, (8, 16, 32, 64), (8,), 2, 2, 16)
 QUICK = Sizes(("tiny",), 8, 1, 2, 2, 2, (4, 8), (4,), 1, 1, 4)
+ENTITY_WEIGHT = 0.1  # λ_e of the entity-loss step: that of the reproduction's `cam_entity` row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,14 +177,20 @@ def cam_overhead(text: LiteText, preset: str, sizes: Sizes, device: torch.device
     """Training step `cam` / `clip` on one batch (the adapter trims the cached LLM sequence to the
     batch's longest prompt); with `reference` (a matmul loop) also interleaved, for the hardware
     efficiency of the main preset."""
-    config = bench_config(sizes.batch)
-    batch = text.cached.batch(0, text.generator(0))
+    from llm4gen_lite.train import TrainingData
+
+    config = bench_config(sizes.batch).replace(entity_weight=ENTITY_WEIGHT)
+    with_pairs = TrainingData(config, 0, 1)  # the same batch as text.cached's, its attribute-entity pairs filled in
+    with_pairs.caches = text.caches
+    batch = with_pairs.batch(0, text.generator(0))
     clip, llm = batch.clip, batch.llm
     used = trim_padding(llm.features, llm.mask)[1].shape[1]
-    steps = {v: TrainStep(preset, v, *text.dims, config, device, precision) for v in ("clip", "cam")}
+    steps = {v: TrainStep(preset, v.split("+")[0], *text.dims, config, device, precision)
+             for v in ("clip", "cam", "cam+entity")}
     cases: dict[str, Callable[[], object]] = {
         "clip": lambda: steps["clip"](clip, None),
         "cam": lambda: steps["cam"](clip, llm),
+        "cam+entity": lambda: steps["cam+entity"](clip, llm, batch),
     }
     if reference is not None:
         cases["matmul"] = reference
@@ -191,6 +198,9 @@ def cam_overhead(text: LiteText, preset: str, sizes: Sizes, device: torch.device
     where = f"{preset}, batch {sizes.batch}"
     report.ratio(f"training step cam / clip ({where})", times, "cam", "clip", target=1.15,
                  note=f"LLM positions cached {llm.mask.shape[1]}, used {used}")
+    report.ratio(f"training step cam + entity loss / cam ({where})", times, "cam+entity", "cam",
+                 note=f"λ_e = {ENTITY_WEIGHT}, {sum(map(len, batch.pairs))} attribute-entity pairs, maps of every "
+                      "cross-attention layer")
     out: dict[str, Any] = {
         "preset": preset, "batch": sizes.batch, "median_s": {k: statistics.median(v) for k, v in times.items()},
         "llm_positions": llm.mask.shape[1], "llm_positions_used": used,

@@ -15,10 +15,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from llm4gen_lite.adapter import ConditioningAdapter, build_adapter
+from llm4gen_lite.attention import capture_cross_attention
 from llm4gen_lite.config import TrainConfig, load_config
 from llm4gen_lite.encoders import TextFeatures
 from llm4gen_lite.losses import diffusion_loss, diffusion_target
-from llm4gen_lite.train import NUM_TRAIN_TIMESTEPS, Denoiser, noise_scheduler_config, sampling_scheduler
+from llm4gen_lite.train import (
+    NUM_TRAIN_TIMESTEPS, Denoiser, TrainingBatch, entity_term, noise_scheduler_config, sampling_scheduler,
+)
 from llm4gen_lite.unet import build_unet
 
 
@@ -70,12 +73,24 @@ class TrainStep:
             feats[f"{role}_mask"] = None if f is None else f.mask.to(self.device, non_blocking=True)
         return feats
 
-    def __call__(self, clip: TextFeatures | None, llm: TextFeatures | None) -> torch.Tensor:
-        """Run the step on CLIP-role features `[B, Tc, dc]` and LLM features `[B, Tl, dl]`; returns the loss."""
+    def __call__(self, clip: TextFeatures | None, llm: TextFeatures | None,
+                 entity_batch: TrainingBatch | None = None) -> torch.Tensor:
+        """Run the step on CLIP-role features `[B, Tc, dc]` and LLM features `[B, Tl, dl]`; returns the loss.
+
+        With `entity_batch` (the batch the features came from, its attribute–entity pairs filled
+        in) the step adds the entity-guided term as training does: cross-attention captured on
+        `config.entity_layers`, `config.entity_weight · train.entity_term(...)`.
+        """
         feats = self._inputs(clip, llm)
+        capture = (contextlib.nullcontext() if entity_batch is None else
+                   capture_cross_attention(self.model.unet, self.config.entity_layers or None, "last"))
         with autocast(self.device, self.mixed_precision):
-            pred = self.model(self.noisy, self.timesteps, drop_llm=self.drop_llm, **feats)
+            with capture as store:
+                pred = self.model(self.noisy, self.timesteps, drop_llm=self.drop_llm, **feats)
             loss = diffusion_loss(pred, self.target, self.a_t, self.config.min_snr_gamma, self.config.prediction_type)
+            if store is not None:
+                loss = loss + self.config.entity_weight * entity_term(store, entity_batch, self.timesteps, self.config,
+                                                                       clip_tokens=clip.features.shape[1])
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

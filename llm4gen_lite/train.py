@@ -617,7 +617,7 @@ class Trainer:
         d_loss = diffusion_loss(pred, target, a_t, config.min_snr_gamma, config.prediction_type)
         e_loss = torch.zeros((), device=device)
         if store is not None:
-            e_loss = _entity_term(store, batch, timesteps, config, self.clip_tokens)
+            e_loss = entity_term(store, batch, timesteps, config, self.clip_tokens)
         return d_loss + config.entity_weight * e_loss, d_loss, e_loss
 
     # ------------------------------------------------------------------ the loop
@@ -724,7 +724,7 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
     return bool(flag.item() == 1.0)
 
 
-def _entity_term(store, batch: TrainingBatch, timesteps: torch.Tensor, config: TrainConfig,
+def entity_term(store, batch: TrainingBatch, timesteps: torch.Tensor, config: TrainConfig,
                  clip_tokens: int) -> torch.Tensor:
     """λ_e's term for one micro-batch from the captured (differentiable) cross-attention maps."""
     maps = [store.get(layer) for layer in store.layers]

@@ -725,7 +725,7 @@ def _all_finite(loss: torch.Tensor, accelerator) -> bool:
 
 
 def entity_term(store, batch: TrainingBatch, timesteps: torch.Tensor, config: TrainConfig,
-                 clip_tokens: int) -> torch.Tensor:
+                clip_tokens: int) -> torch.Tensor:
     """λ_e's term for one micro-batch from the captured (differentiable) cross-attention maps."""
     maps = [store.get(layer) for layer in store.layers]
     total_tokens = maps[0].shape[1]  # [batch, tokens, H, W]: the context as the adapter trimmed it

@@ -49,6 +49,7 @@ ROWS: dict[str, dict] = {  # row name -> overrides of the full preset; everythin
 }
 
 
+RUN_ONLY = ("resume_from", "cpu_threads")  # config fields a reused or resumed run may change
 EVAL_PROMPTS = 64  # prompts scored per set (spread evenly over each file), except report.TARGET_SETS: all
 FID_SAMPLES = 256  # test-iid samples (and renders) behind FID/KID
 
@@ -100,6 +101,19 @@ def _finished_evaluation(run: Path, config, settings: dict) -> dict | None:
     same_run = {**previous.get("config", {}), "resume_from": None} == {**config.to_dict(), "resume_from": None}
     current = previous.get("version") == report.EVALUATION_VERSION and previous.get("settings") == settings
     return previous if same_run and current else None
+
+
+def trained_with_another_config(run: Path, config) -> list[str]:
+    """The config fields in which the run folder's `config.json` differs from `config`, but those that
+    do not change what is trained (`RUN_ONLY`): a finished or interrupted run is reused or resumed
+    only with the config it began with."""
+    path = run / "config.json"
+    if not path.is_file():
+        return []
+    previous, current = json.loads(path.read_text()), json.loads(json.dumps(config.to_dict()))
+    return [f"{key}: {previous.get(key)!r} there, {current.get(key)!r} now"
+            for key in sorted(previous.keys() | current.keys())
+            if key not in RUN_ONLY and previous.get(key) != current.get(key)]
 
 
 def sample_efficiency(out: Path, names: list[str]):
@@ -284,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         row_config(names[0], ROWS[names[0]], out, args.smoke, args.seed, 0, args.set)
     except ConfigError as error:
         parser.error(str(error))
+    for name in names:
+        changed = trained_with_another_config(out / name, row_config(name, ROWS[name], out, args.smoke, args.seed, 0, args.set))
+        if changed:
+            parser.error(f"{out / name} was trained with another config ({'; '.join(changed)}); pass another --out, "
+                         "or delete that folder to train the row again")
     results = {}
     if args.jobs > 1:  # rows side by side, each on its share of the cores (spawned: no forked torch state)
         threads = max(1, (os.cpu_count() or 1) // args.jobs)

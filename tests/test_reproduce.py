@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from concurrent.futures import Future
 
+import pytest
 import torch
 
 from llm4gen_lite.paths import REPO_ROOT
@@ -27,7 +28,7 @@ class InlinePool:
         return future
 
 
-def test_reproduce_smoke(tmp_path, monkeypatch):
+def test_reproduce_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
     import reproduce
 
@@ -72,6 +73,13 @@ def test_reproduce_smoke(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     assert events == [("run", "clip"), ("run", "cam")], "finished rows need no caching"
     assert (tmp_path / "results.json").read_text() == before, "the rerun reports the same numbers"
+
+    with pytest.raises(SystemExit) as exit_:  # a changed preset never reuses or resumes the old runs
+        reproduce.main(["--smoke", "--only", "clip", "cam", "--out", str(tmp_path / "runs"), "--set", "steps=7"])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert "runs/clip was trained with another config" in message and "steps: " in message and "--out" in message
+    assert (tmp_path / "results.json").read_text() == before
     sys.modules.pop("reproduce", None)
 
 
@@ -89,8 +97,6 @@ def test_spread_rows_covers_the_file_and_keeps_swap_pairs_together():
 
 
 def test_paired_delta_resamples_prompts_in_pairs():
-    import pytest
-
     from llm4gen_lite.report import paired_delta
 
     def run(scores, recall=None):

@@ -190,6 +190,15 @@ def delta_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def scheduled_minutes(minutes: list[float], jobs: int) -> float:
+    """Wall time of rows taking `minutes` each when `jobs` workers take them in this order, each
+    next row going to the first worker free (how `ProcessPoolExecutor` hands out the grid)."""
+    free = [0.0] * max(1, jobs)
+    for m in minutes:
+        free[free.index(min(free))] += m
+    return max(free)
+
+
 def cost_section(results: dict[str, dict], jobs: int) -> str:
     """Markdown: each row's measured setup, training and evaluation time, their sum, and how long
     the `clip` and `cam` pair took. Rows that predate `setup_seconds` count without their setup."""
@@ -207,7 +216,9 @@ def cost_section(results: dict[str, dict], jobs: int) -> str:
     if any("setup_seconds" not in r["cost"] for r in results.values()):
         lines += ["", "– : a run from before setup (model loading, feature cache) was timed; its total leaves it out."]
     lines += ["", f"In all, {total:.0f} min of run time"
-              + (f", about {total / jobs:.0f} min of wall time at {jobs} rows side by side." if jobs > 1 else ".")]
+              + (f"; {scheduled_minutes(list(minutes.values()), jobs):.0f} min of wall time with {jobs} rows side by "
+                 "side in this order (the rows' own times; the feature caches, filled before them, not counted)."
+                 if jobs > 1 else ".")]
     pair = [n for n in ("clip", "cam") if n in results]
     if len(pair) == 2:
         together = max if jobs > 1 else sum

@@ -96,6 +96,15 @@ def test_spread_rows_covers_the_file_and_keeps_swap_pairs_together():
     assert spread_rows(colour, None) is colour and spread_rows(colour[:3], 16) == colour[:3]
 
 
+def test_scheduled_minutes_hands_each_row_to_the_first_free_worker(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "scripts"))
+    import reproduce
+
+    assert reproduce.scheduled_minutes([20, 29, 35, 23], 2) == 20 + 35  # 20|29, 35 after 20, 23 after 29
+    assert reproduce.scheduled_minutes([20, 29, 35, 23], 1) == 107
+    assert reproduce.scheduled_minutes([10, 10, 10], 4) == 10
+
+
 def test_paired_delta_resamples_prompts_in_pairs():
     from llm4gen_lite.report import paired_delta
 

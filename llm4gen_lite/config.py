@@ -43,6 +43,7 @@ class TrainConfig:
     # --- model ----------------------------------------------------------------------------------
     unet: str = "small"  # UNet preset: "tiny", "small", or "sd15" / a local SD1.5-layout folder
     unet_overrides: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel args replacing the preset's
+    init_unet: str | None = None  # built presets: a saved pipeline (or UNet) folder whose UNet starts the run; None = random
     resolution: int = 32  # image side in pixels (Shapes world renders at this size)
     space_to_depth: int = 1  # built presets: UNet on pixel-unshuffled images (3·f² channels at 1/f size); lossless
     pixel_shift: float = 0.0  # built presets: the UNet denoises (pixels - shift) · scale; -1 puts a black background at 0

@@ -110,17 +110,40 @@ def build_unet(config: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
             unet = UNet2DConditionModel(**kwargs)
         except (TypeError, ValueError) as err:
             raise ValueError(f"unet_overrides {config.unet_overrides} do not build a UNet: {err}") from err
+        if config.init_unet:
+            init_unet_weights(unet, Path(config.init_unet))
         plain = f == 1 and config.pixel_shift == 0 and config.pixel_scale == 1
         vae = None if plain else PixelShuffleAutoencoder(
             f, info.in_channels, scaling_factor=config.pixel_scale, shift_factor=config.pixel_shift)
         return unet, vae
-    if config.unet_overrides or config.space_to_depth > 1 or config.pixel_shift != 0 or config.pixel_scale != 1:
+    if (config.unet_overrides or config.init_unet or config.space_to_depth > 1 or config.pixel_shift != 0
+            or config.pixel_scale != 1):
         raise ValueError(
-            "unet_overrides, space_to_depth, pixel_shift and pixel_scale apply to the built presets (tiny, small), "
-            "not to a loaded UNet")
+            "unet_overrides, init_unet, space_to_depth, pixel_shift and pixel_scale apply to the built presets "
+            "(tiny, small), not to a loaded UNet")
     parts = load_sd15(SD15_HUB_ID if config.unet == "sd15" else config.unet)
     parts.vae.requires_grad_(False).eval()
     return parts.unet, parts.vae
+
+
+def init_unet_weights(unet: nn.Module, source: Path) -> None:
+    """Start `unet` from a saved UNet's weights (a model pretrained on another conditioning, as
+    LLM4GEN starts from Stable Diffusion). `source`: a pipeline folder (its `unet/`) or a UNet folder.
+
+    Raises:
+        ValueError: naming `source`, when it holds no UNet or one of another architecture.
+    """
+    folder = source / "unet" if (source / "unet" / "config.json").is_file() else source
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"init_unet={source}: no saved UNet there (no {source}/unet/config.json); pass a trained "
+                         "pipeline folder, e.g. runs/full/clip/pipeline or data/checkpoints/clip/pipeline")
+    saved = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    try:
+        unet.load_state_dict(saved.state_dict())
+    except RuntimeError as err:
+        first = (str(err).splitlines()[1:] or [str(err)])[0].strip()[:200]
+        raise ValueError(f"init_unet={source}: its UNet is not the one this config builds; unet, unet_overrides and "
+                         f"space_to_depth must be those of the run that saved it ({first})") from err
 
 
 def noise_scheduler_config(config: TrainConfig) -> dict[str, Any]:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 
 from llm4gen_lite import train as train_module
 from llm4gen_lite.checkpoint import list_checkpoints, load_checkpoint
 from llm4gen_lite.config import TrainConfig, load_config
 from llm4gen_lite.losses import diffusion_loss, diffusion_target
+from llm4gen_lite.paths import REPO_ROOT
 from llm4gen_lite.train import Denoiser, NonFiniteLossError, build_unet, shard_indices, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,3 +191,16 @@ def test_two_process_torchrun_shards_data_and_agrees_on_weights(tiny_clip_text_d
         assert not set(a["indices"]) & set(b["indices"]), "ranks must see different items"
     assert ranks[0]["digests"] == ranks[1]["digests"] and ranks[0]["digests"], "ranks disagree on the final weights"
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+
+
+def test_init_unet_starts_from_a_saved_unet_and_refuses_another_architecture(tmp_path):
+    shipped = REPO_ROOT / "data" / "checkpoints" / "clip" / "pipeline"
+    unet, _ = build_unet(load_config("full", {"variant": "cam", "init_unet": str(shipped)}))
+    saved = UNet2DConditionModel.from_pretrained(shipped / "unet", local_files_only=True, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), saved.state_dict().values()))
+    fresh, _ = build_unet(load_config("full", {"variant": "cam"}))
+    assert not torch.equal(next(iter(fresh.state_dict().values())), next(iter(saved.state_dict().values())))
+    with pytest.raises(ValueError, match="init_unet=.*not the one this config builds"):
+        build_unet(load_config("smoke", {"init_unet": str(shipped)}))
+    with pytest.raises(ValueError, match="init_unet=.*no saved UNet there"):
+        build_unet(load_config("smoke", {"init_unet": str(tmp_path)}))

@@ -41,7 +41,7 @@ from .config import TrainConfig
 from .encoders import load_encoder
 from .evaluate import compbench_report
 from .feature_cache import FeatureCache
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, load_safetensors
 from .pipeline import LLM4GenPipeline
 from .shapes import ImageFolderDataset, ShapesDataset, load_prompt_set
 from .unet import PRESETS, SD15_HUB_ID, PixelShuffleAutoencoder, load_sd15, to_model_space
@@ -133,13 +133,13 @@ def init_unet_weights(unet: nn.Module, source: Path) -> None:
     Raises:
         ValueError: naming `source`, when it holds no UNet or one of another architecture.
     """
-    folder = source / "unet" if (source / "unet" / "config.json").is_file() else source
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"init_unet={source}: no saved UNet there (no {source}/unet/config.json); pass a trained "
+    weights = "diffusion_pytorch_model.safetensors"
+    file = source / "unet" / weights if (source / "unet" / weights).is_file() else source / weights
+    if not file.is_file():
+        raise ValueError(f"init_unet={source}: no saved UNet there (no {source}/unet/{weights}); pass a trained "
                          "pipeline folder, e.g. runs/full/clip/pipeline or data/checkpoints/clip/pipeline")
-    saved = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     try:
-        unet.load_state_dict(saved.state_dict())
+        unet.load_state_dict(load_safetensors(file))  # copied into the built UNet's fp32 parameters
     except RuntimeError as err:
         first = (str(err).splitlines()[1:] or [str(err)])[0].strip()[:200]
         raise ValueError(f"init_unet={source}: its UNet is not the one this config builds; unet, unet_overrides and "

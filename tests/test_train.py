@@ -20,7 +20,6 @@ from llm4gen_lite import train as train_module
 from llm4gen_lite.checkpoint import list_checkpoints, load_checkpoint
 from llm4gen_lite.config import TrainConfig, load_config
 from llm4gen_lite.losses import diffusion_loss, diffusion_target
-from llm4gen_lite.paths import REPO_ROOT
 from llm4gen_lite.train import Denoiser, NonFiniteLossError, build_unet, shard_indices, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +193,7 @@ def test_two_process_torchrun_shards_data_and_agrees_on_weights(tiny_clip_text_d
 
 
 def test_init_unet_starts_from_a_saved_unet_and_refuses_another_architecture(tmp_path):
-    shipped = REPO_ROOT / "data" / "checkpoints" / "clip" / "pipeline"
+    shipped = REPO / "data" / "checkpoints" / "clip" / "pipeline"
     unet, _ = build_unet(load_config("full", {"variant": "cam", "init_unet": str(shipped)}))
     saved = UNet2DConditionModel.from_pretrained(shipped / "unet", local_files_only=True, dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), saved.state_dict().values()))
